@@ -1,0 +1,186 @@
+"""The ``imgclf`` command. Thin: parse flags, call the library, print for people.
+
+Heavy libraries are imported inside each command, so ``imgclf --help`` and the
+serving commands work in an install without the ``train`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+app = typer.Typer(
+    help="Fine-tune CNNs, export verified ONNX models and serve them with BentoML and ONNX Runtime.",
+    no_args_is_help=True, add_completion=False)
+
+TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'imgclf[train]'"
+
+
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _require_training() -> None:
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        _fail(f"{TRAIN_EXTRA_HINT} ({exc})")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file with any training hyperparameters")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="'digits', an ImageFolder directory or a CSV manifest")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="model name (see `imgclf models-available`)")]
+PretrainedOpt = Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="start from ImageNet weights")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="local pretrained weights file (offline)")]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="peak learning rate")]
+SizeOpt = Annotated[int | None, typer.Option("--image-size", help="square model input size")]
+SeedOpt = Annotated[int | None, typer.Option("--seed")]
+
+
+def _overrides(
+    data: str | None, arch: str | None, pretrained: bool | None, weights: Path | None, epochs: int | None,
+    batch_size: int | None, lr: float | None, image_size: int | None, seed: int | None,
+) -> dict[str, Any]:
+    """Flags given on the command line, as a nested config fragment."""
+    out: dict[str, Any] = {"data": {}, "model": {}, "optim": {}}
+    if data is not None:
+        out["data"]["source"] = data
+    if arch is not None:
+        out["model"]["arch"] = arch
+    if pretrained is not None:
+        out["model"]["pretrained"] = pretrained
+    if weights is not None:
+        out["model"]["weights"] = str(weights)
+        out["model"].setdefault("pretrained", True)
+    if image_size is not None:
+        out["model"]["image_size"] = image_size
+    if lr is not None:
+        out["optim"]["lr"] = lr
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
+        if value is not None:
+            out[key] = value
+    return {k: v for k, v in out.items() if v != {}}
+
+
+def _resolve(config: Path | None, overrides: dict[str, Any]):  # noqa: ANN202 - TrainConfig, imported lazily
+    from training.config import ConfigError, resolve_config
+
+    try:
+        return resolve_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    data: DataOpt = None,
+    arch: ArchOpt = None,
+    pretrained: PretrainedOpt = None,
+    weights: WeightsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    image_size: SizeOpt = None,
+    seed: SeedOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<arch>-<time>)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
+) -> None:
+    """Fine-tune or train a CNN; writes checkpoints, metrics, report.json and plots to the run directory."""
+    _require_training()
+    import time
+
+    from training.config import ConfigError
+    from training.data import DataError
+    from training.models import WeightsUnavailableError
+    from training.train import train as run_training
+
+    overrides = _overrides(data, arch, pretrained, weights, epochs, batch_size, lr, image_size, seed)
+    if resume is not None:
+        if overrides or config or out:
+            _fail("--resume continues a run with its saved config.yaml; give no other options")
+        cfg = _resolve(resume / "config.yaml", {})
+        run_dir = resume
+    else:
+        cfg = _resolve(config, overrides)
+        run_dir = out or Path("runs") / f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        report = run_training(cfg, run_dir, resume=resume is not None)
+    except (ConfigError, DataError, WeightsUnavailableError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"{run_dir}: val top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f}, "
+        f"best epoch {report['best_epoch']}/{report['epochs_run']}, "
+        f"ECE {report['ece_before_temperature']:.4f} -> {report['ece_after_temperature']:.4f} "
+        f"(T={report['temperature']:.3f}), {report['wall_seconds']:.0f} s"
+    )
+
+
+@app.command("lr-find")
+def lr_find(
+    config: ConfigOpt = None,
+    data: DataOpt = None,
+    arch: ArchOpt = None,
+    pretrained: PretrainedOpt = None,
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = None,
+    image_size: SizeOpt = None,
+    seed: SeedOpt = None,
+    start_lr: Annotated[float, typer.Option(help="first learning rate")] = 1e-6,
+    end_lr: Annotated[float, typer.Option(help="last learning rate")] = 1.0,
+    num_iter: Annotated[int, typer.Option(help="number of batches")] = 100,
+    out: Annotated[Path, typer.Option("--out", help="where lr_find.png and lr_find.json go")] = Path("runs/lr-find"),
+) -> None:
+    """Learning-rate range test: prints a suggested rate and saves the loss-vs-rate plot."""
+    _require_training()
+    from training.lr_finder import lr_find as run_lr_find
+
+    cfg = _resolve(config, _overrides(data, arch, pretrained, weights, None, batch_size, None, image_size, seed))
+    result = run_lr_find(cfg, out, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
+    typer.echo(f"suggested learning rate: {result.suggested_lr:.3g} (plot: {out / 'lr_find.png'})")
+
+
+@app.command("models-available")
+def models_available() -> None:
+    """Architectures that `imgclf train --arch` accepts."""
+    _require_training()
+    from training.models import list_models
+
+    typer.echo("\n".join(list_models()))
+
+
+@app.command("preprocess")
+def preprocess(
+    image: Annotated[Path, typer.Argument(help="image file")],
+    spec: Annotated[str, typer.Option(help="preprocessing spec as JSON")] = (
+        '{"input_size": [224, 224], "resize_size": 256, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}'
+    ),
+) -> None:
+    """Show what the shared preprocessing makes of an image (serving side; no torch)."""
+    from service.preprocessing import ImageInputError, PreprocessSpec, image_to_tensor
+
+    try:
+        tensor = image_to_tensor(image.read_bytes(), PreprocessSpec.model_validate_json(spec))
+    except (ImageInputError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"shape": list(tensor.shape), "mean": float(tensor.mean()), "std": float(tensor.std())}))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,149 @@
+"""One training run, from a resolved config to a run directory.
+
+Run directory: ``config.yaml`` (resolved), ``data.json`` (classes, counts,
+skipped files), ``metrics.jsonl``, ``checkpoints/{best,last}.pt``,
+``report.json``, ``learning_curves.png``, ``confusion_matrix.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from service.atomic import atomic_write_json
+from training import plots
+from training.config import ConfigError, TrainConfig, save_config
+from training.data import ImageDataset, Splits, load_splits
+from training.evaluation import classification_report
+from training.loop import EarlyStopping, EpochCallback, Trainer, predict, resolve_device, seed_everything
+from training.models import ModelBundle, create_model
+from training.optim import build_optimizer, build_schedule
+from training.regularization import batch_mixer, param_groups
+from training.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def class_weights(splits: Splits) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1."""
+    counts = Counter(s.label for s in splits.train)
+    freq = torch.tensor([counts.get(i, 0) for i in range(len(splits.classes))], dtype=torch.float32)
+    weights = 1.0 / freq.clamp(min=1)
+    return weights * len(weights) / weights.sum()
+
+
+def make_loaders(
+    cfg: TrainConfig, splits: Splits, bundle: ModelBundle, generator: torch.Generator
+) -> tuple[DataLoader, DataLoader]:
+    train_ds = ImageDataset(splits.train, train_transform(bundle.spec, cfg.augment))
+    val_ds = ImageDataset(splits.val, eval_transform(bundle.spec))
+    sampler = None
+    if cfg.data.class_balance == "sampler":
+        weights = class_weights(splits)[[s.label for s in splits.train]]
+        sampler = WeightedRandomSampler(weights.double(), len(weights), replacement=True, generator=generator)
+    common = {"batch_size": cfg.batch_size, "num_workers": cfg.data.num_workers}
+    train = DataLoader(
+        train_ds, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=len(train_ds) > cfg.batch_size,
+        **common,
+    )
+    return train, DataLoader(val_ds, shuffle=False, **common)
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, splits: Splits) -> Trainer:
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    bundle = create_model(cfg.model, len(splits.classes))
+    model = bundle.model.to(device)
+    generator = torch.Generator()
+    train_loader, val_loader = make_loaders(cfg, splits, bundle, generator)
+    head = bundle.head if cfg.transfer.strategy != "full" else []
+    groups = param_groups(model, cfg.regularization.weight_decay, cfg.optim.lr, head, cfg.transfer.backbone_lr_mult)
+    optimizer = build_optimizer(groups, cfg.optim)
+    stopper = EarlyStopping.from_config(cfg.early_stopping)
+    schedule = build_schedule(optimizer, cfg.schedule, cfg.epochs, len(train_loader), stopper.mode)
+    weight = class_weights(splits).to(device) if cfg.data.class_balance == "loss" else None
+    return Trainer(
+        cfg=cfg,
+        model=model,
+        head=bundle.head,
+        optimizer=optimizer,
+        schedule=schedule,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        generator=generator,
+        criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.regularization.label_smoothing),
+        run_dir=run_dir,
+        device=device,
+        mixer=batch_mixer(cfg.regularization, len(splits.classes)),
+        meta={
+            "arch": cfg.model.arch,
+            "classes": splits.classes,
+            "spec": bundle.spec.model_dump(mode="json"),
+            "weights_source": bundle.source,
+        },
+        stopper=stopper,
+    )
+
+
+def final_report(trainer: Trainer, splits: Splits, wall_seconds: float) -> dict[str, Any]:
+    """Metrics of the restored best model, through the serving path's preprocessing."""
+    val_logits, val_targets = predict(trainer.model, trainer.val_loader, trainer.device)
+    report: dict[str, Any] = classification_report(val_logits, val_targets, splits.classes)
+    report |= {
+        "split": "val",
+        "arch": trainer.cfg.model.arch,
+        "pretrained": trainer.cfg.model.pretrained,
+        "weights_source": trainer.meta["weights_source"],
+        "best_epoch": trainer.stopper.best_epoch,
+        "epochs_run": trainer.epoch,
+        "stopped_early": trainer.stopper.should_stop,
+        "monitor": trainer.stopper.monitor,
+        "wall_seconds": wall_seconds,  # this invocation, data loading and evaluation included
+        "train_seconds": sum(row["seconds"] for row in trainer.history),  # all epochs, across resumes
+        "data": splits.summary(),
+        "preprocessing": trainer.meta["spec"],
+    }
+    if splits.test:
+        test_loader = DataLoader(
+            ImageDataset(splits.test, trainer.val_loader.dataset.transform), batch_size=trainer.cfg.batch_size
+        )
+        report["test"] = classification_report(*predict(trainer.model, test_loader, trainer.device), splits.classes)
+    return report
+
+
+def train(
+    cfg: TrainConfig, run_dir: Path, *, resume: bool = False, callbacks: Sequence[EpochCallback] = ()
+) -> dict[str, Any]:
+    """Train (or resume) a run and write every output; returns the report."""
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    splits = load_splits(cfg.data, cfg.seed)
+    if splits.skipped:
+        log.warning("%d unreadable images skipped", len(splits.skipped))
+    log.info("train class counts: %s", splits.class_counts("train"))
+    trainer = build_trainer(cfg, run_dir, splits)
+    if resume:
+        if not trainer.last_path.is_file():
+            raise ConfigError(f"cannot resume: {trainer.last_path} does not exist")
+        trainer.load(trainer.last_path)
+        log.info("resumed %s after epoch %d", run_dir, trainer.epoch)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    atomic_write_json(run_dir / "data.json", splits.summary() | {"skipped_files": splits.skipped})
+    trainer.fit(callbacks)
+    trainer.restore_best()
+    report = final_report(trainer, splits, time.perf_counter() - started)
+    atomic_write_json(run_dir / "report.json", report)
+    plots.learning_curves(trainer.history, run_dir / "learning_curves.png")
+    plots.confusion_matrix(report["confusion_matrix"], splits.classes, run_dir / "confusion_matrix.png")
+    log.info("val top1 %.4f top5 %.4f (best epoch %d)", report["top1"], report["top5"], report["best_epoch"])
+    return report
