@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The HTTP service arrives with the serving issue; until then this sets up and lists the commands.
 serve: setup
-	$(VENV)/bin/imgclf serve
+	$(VENV)/bin/imgclf --help
 
 test: setup
 	$(PY) -m pytest

@@ -78,7 +78,7 @@ def _overrides(
     return {k: v for k, v in out.items() if v != {}}
 
 
-def _resolve(config: Path | None, overrides: dict[str, Any]):  # noqa: ANN202 - TrainConfig, imported lazily
+def _resolve(config: Path | None, overrides: dict[str, Any]):
     from training.config import ConfigError, resolve_config
 
     try:

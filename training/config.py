@@ -81,6 +81,12 @@ class OptimConfig(_Section):
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
 
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
+        return self
+
 
 class ScheduleConfig(_Section):
     name: Literal["constant", "cosine", "step", "onecycle", "plateau"] = "cosine"

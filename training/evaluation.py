@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -10,7 +12,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
-    return (top == targets[:, None]).any(dim=1).float().mean().item()
+    return (top == targets[:, None]).any(dim=1).double().mean().item()
 
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
@@ -19,7 +21,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins:
     correct = (pred == targets).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         mask = (conf > lo) & (conf <= hi)
         if mask.any():
             ece += mask.float().mean() * (conf[mask].mean() - correct[mask].mean()).abs()
@@ -54,7 +56,7 @@ def classification_report(logits: torch.Tensor, targets: torch.Tensor, classes: 
         "top1": topk_accuracy(logits, targets, 1),
         "top5": topk_accuracy(logits, targets, 5),
         "loss": F.cross_entropy(logits, targets).item(),
-        "num_images": int(len(targets)),
+        "num_images": len(targets),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)

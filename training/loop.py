@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from service.atomic import atomic_path, atomic_write_text
 from training.config import EarlyStoppingConfig, TrainConfig
+from training.evaluation import topk_accuracy
 from training.optim import Schedule
 from training.regularization import apply_train_mode, l1_penalty, set_backbone_frozen
 
@@ -190,12 +191,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         logits, targets = predict(self.model, self.val_loader, self.device)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
         return {
             "val_loss": F.cross_entropy(logits, targets).item(),
-            "val_top1": (top[:, 0] == targets).float().mean().item(),
-            "val_top5": (top == targets[:, None]).any(dim=1).float().mean().item(),
+            "val_top1": topk_accuracy(logits, targets, 1),
+            "val_top5": topk_accuracy(logits, targets, 5),
         }
 
     # --- the run -----------------------------------------------------------------------------

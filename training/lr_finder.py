@@ -20,8 +20,8 @@ from training import plots
 from training.config import TrainConfig
 from training.data import load_splits
 from training.loop import epoch_seed, seed_everything
-from training.train import build_trainer
 from training.regularization import apply_train_mode, set_backbone_frozen
+from training.train import build_trainer
 
 log = logging.getLogger(__name__)
 

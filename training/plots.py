@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from service.atomic import atomic_path  # noqa: E402
+from service.atomic import atomic_path
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

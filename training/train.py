@@ -23,7 +23,14 @@ from training import plots
 from training.config import ConfigError, TrainConfig, save_config
 from training.data import ImageDataset, Splits, load_splits
 from training.evaluation import classification_report
-from training.loop import EarlyStopping, EpochCallback, Trainer, predict, resolve_device, seed_everything
+from training.loop import (
+    EarlyStopping,
+    EpochCallback,
+    Trainer,
+    predict,
+    resolve_device,
+    seed_everything,
+)
 from training.models import ModelBundle, create_model
 from training.optim import build_optimizer, build_schedule
 from training.regularization import batch_mixer, param_groups

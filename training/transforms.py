@@ -12,10 +12,15 @@ from functools import partial
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
-from service.preprocessing import PreprocessSpec, decode_image, image_to_tensor, resize_and_crop, to_array
+from service.preprocessing import (
+    PreprocessSpec,
+    decode_for_spec,
+    image_to_tensor,
+    resize_and_crop,
+    to_array,
+)
 from training.config import AugmentConfig
 
 Transform = Callable[[bytes], torch.Tensor]
@@ -49,10 +54,7 @@ def train_transform(spec: PreprocessSpec, aug: AugmentConfig) -> Transform:
     erase = v2.RandomErasing(p=aug.random_erasing) if aug.random_erasing > 0 else None
 
     def transform(data: bytes) -> torch.Tensor:
-        img = decode_image(
-            data, spec.color_mode, background=spec.background,
-            min_short_side=spec.resize_size if spec.draft else None,
-        )
+        img = decode_for_spec(data, spec)
         tensor = torch.from_numpy(to_array(pil_ops(img), spec))
         return erase(tensor) if erase is not None else tensor
 
