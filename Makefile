@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The HTTP service arrives with the serving issue; until then this sets up and lists the commands.
+# Registers the offline ImageNet model once (idempotent). The HTTP service arrives with the
+# serving issue; until then this stops after setup and bootstrap.
 serve: setup
-	$(VENV)/bin/imgclf --help
+	$(VENV)/bin/imgclf bootstrap
+	$(VENV)/bin/imgclf models list
 
 test: setup
 	$(PY) -m pytest

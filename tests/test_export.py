@@ -1,0 +1,216 @@
+"""Export: real runs to ONNX through every check; each check fails on a deliberately broken model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from service.engine import create_session, run_logits, softmax
+from service.preprocessing import image_to_tensor
+from service.repository import ModelRepository
+from training.config import ModelConfig, resolve_config
+from training.export import (
+    ExportError,
+    check_graph,
+    check_parity,
+    export,
+    from_run,
+    preprocess_all,
+    to_onnx,
+)
+from training.models import create_model
+from training.train import train
+
+
+@pytest.fixture(scope="module")
+def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("lenet_run")
+    train(resolve_config(None, {"model": {"arch": "lenet5"}, "epochs": 3}), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("lite0_run")
+    cfg = resolve_config(None, {"model": {"arch": "efficientnet_lite0", "pretrained": True, "image_size": 32},
+                                "epochs": 1})
+    train(cfg, run)
+    return run
+
+
+def test_lenet5_round_trip(lenet_run: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "models")
+    version = export(from_run(lenet_run), repo, "digits-lenet")
+    m = version.manifest
+    assert (m.name, m.version, m.architecture, m.export.precision) == ("digits-lenet", 1, "lenet5", "fp32")
+    assert m.export.exporter in ("dynamo", "torchscript") and m.export.opset == 18
+    assert m.input.shape == ["batch", 1, 32, 32] and m.output.shape[1] == 10
+    assert set(m.export.parity["max_abs_logit_diff"]) == {"1", "7", "32"}
+    assert max(m.export.parity["max_abs_logit_diff"].values()) < 1e-4
+    assert m.export.parity["images"] >= 32
+    assert m.labels == [str(i) for i in range(10)]
+    assert (version.path / "labels.txt").read_text().split() == m.labels
+    assert {"model.onnx", "labels.txt", "MODEL_CARD.md", "confusion_matrix.png"} <= set(m.files)
+    assert not list(version.path.glob("*.data"))  # self-contained
+    # The version's own metrics equal the training report: same preprocessing, same model.
+    report = json.loads((lenet_run / "report.json").read_text())
+    assert m.metrics.top1 == pytest.approx(report["top1"], abs=1e-9)
+    assert m.training.dataset_fingerprint and m.training.seed == 0
+    assert "top-1" in (version.path / "MODEL_CARD.md").read_text()
+    assert repo.get("digits-lenet", 1).manifest == m
+
+
+def test_lite0_round_trip_and_int8(lite0_run: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "models")
+    exported = from_run(lite0_run)
+    fp32 = export(exported, repo, "digits-lite0")
+    # A 1-epoch 32x32 model is fragile under int8; the full-size figures are in benchmarks/int8_digits.py.
+    int8 = export(exported, repo, "digits-lite0", precision="int8", max_top1_drop=0.05)
+    assert int8.manifest.export.precision == "int8"
+    q = int8.manifest.export.quantization
+    assert q["per_channel"] and q["format"] == "QDQ"
+    assert q["fp32_top1"] == pytest.approx(fp32.manifest.metrics.top1)
+    assert int8.manifest.metrics.top1 == pytest.approx(fp32.manifest.metrics.top1 - q["top1_drop"])
+    assert q["top1_drop"] <= 0.05
+    graph = onnx.load(str(int8.model_path)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    with pytest.raises(ExportError, match="points below fp32"):
+        export(exported, repo, "digits-lite0", precision="int8", max_top1_drop=-1.0)  # nothing may pass
+    assert repo.versions("digits-lite0") == [1, 2]  # the refused variant left nothing behind
+
+
+def test_fp16_variant_keeps_fp32_io(lenet_run: Path, tmp_path: Path) -> None:
+    version = export(from_run(lenet_run), ModelRepository(tmp_path), "digits-lenet", precision="fp16",
+                     max_top1_drop=0.02)
+    graph = onnx.load(str(version.model_path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert any(i.data_type == TensorProto.FLOAT16 for i in graph.initializer)
+
+
+def test_fixed_batch_is_refused(tmp_path: Path) -> None:
+    bundle = create_model(ModelConfig(arch="lenet5"), 10)
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(bundle.model.eval(), (torch.zeros(2, 1, 32, 32),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["logits"])
+    with pytest.raises(ExportError, match="batch dimension .* is fixed"):
+        check_graph(path)
+
+
+def test_training_mode_batch_norm_is_refused(tmp_path: Path) -> None:
+    bundle = create_model(ModelConfig(arch="simple_cnn", channels=[4]), 3)
+    path = tmp_path / "train_mode.onnx"
+    torch.onnx.export(bundle.model.train(), (torch.zeros(2, 3, 32, 32),), str(path), dynamo=False,
+                      training=torch.onnx.TrainingMode.TRAINING, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, do_constant_folding=False)
+    with pytest.raises(ExportError, match="training mode"):
+        check_graph(path)
+
+
+def test_training_mode_dropout_is_refused(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    ratio = numpy_helper.from_array(np.array(0.5, dtype=np.float32), "ratio")
+    on = numpy_helper.from_array(np.array(True), "on")
+    graph = helper.make_graph([helper.make_node("Dropout", ["input", "ratio", "on"], ["y"], name="drop")],
+                              "g", [x], [y], [ratio, on])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "d.onnx"))
+    with pytest.raises(ExportError, match="Dropout node 'drop' is in training mode"):
+        check_graph(tmp_path / "d.onnx")
+
+
+def test_invalid_graph_is_refused_by_the_checker(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["missing"], ["y"])], "g", [x], [y])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "b.onnx"))
+    with pytest.raises(ExportError, match="onnx checker"):
+        check_graph(tmp_path / "b.onnx")
+
+
+def test_parity_catches_a_wrong_weight(lenet_run: Path, tmp_path: Path) -> None:
+    exported = from_run(lenet_run)
+    path = tmp_path / "m.onnx"
+    to_onnx(exported.model, exported.spec, path)
+    model = onnx.load(str(path))
+    biggest = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    tampered = numpy_helper.to_array(biggest) * 1.01
+    biggest.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), biggest.name))
+    onnx.save_model(model, str(path))
+    with pytest.raises(ExportError, match="disagrees with PyTorch at batch size 1"):
+        check_parity(exported.model, path, preprocess_all(exported.check_images, exported.spec))
+
+
+def test_batch_dependent_output_is_refused(tmp_path: Path) -> None:
+    """A graph that subtracts the batch mean: each image's output depends on its neighbours."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 32, 32])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("ReduceMean", ["f"], ["m"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["f", "m"], ["logits"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(tmp_path / "bd.onnx"))
+
+    class Same(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            f = t.mean(dim=(2, 3))
+            return f - f.mean(0, keepdim=True)
+
+    batch = np.random.default_rng(0).normal(size=(32, 1, 32, 32)).astype(np.float32)
+    with pytest.raises(ExportError, match="depend on the batch|disagrees"):
+        check_parity(Same(), tmp_path / "bd.onnx", batch)
+
+
+def test_parity_needs_enough_images(lenet_run: Path, tmp_path: Path) -> None:
+    exported = from_run(lenet_run)
+    to_onnx(exported.model, exported.spec, tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="at least 32 images"):
+        check_parity(exported.model, tmp_path / "m.onnx", preprocess_all(exported.check_images[:10], exported.spec))
+
+
+def test_export_cli(lenet_run: Path, tmp_path: Path) -> None:
+    from test_cli import imgclf
+
+    repo = str(tmp_path / "models")
+    result = imgclf("export", str(lenet_run), "--name", "digits", "--repo", repo, "--promote")
+    assert result.returncode == 0, result.stderr
+    assert "registered digits:1" in result.stdout
+    assert ModelRepository(repo).aliases("digits") == {"production": 1}
+    bad = imgclf("export", str(lenet_run), "--name", "../evil", "--repo", repo)
+    assert bad.returncode == 2 and "invalid model name" in bad.stderr
+    missing = imgclf("export", str(tmp_path / "nope"), "--name", "x", "--repo", repo)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_bootstrap_is_idempotent_and_recognises_real_photos(tmp_path: Path) -> None:
+    from test_cli import imgclf
+
+    from training.sample_images import real_photos
+
+    repo_dir = tmp_path / "models"
+    first = imgclf("bootstrap", "--repo", str(repo_dir))
+    assert first.returncode == 0, first.stderr
+    repo = ModelRepository(repo_dir)
+    version = repo.get("imagenet-lite0")
+    assert version.manifest.version == 1 and len(version.manifest.labels) == 1000
+    before = {p.name: p.stat().st_mtime_ns for p in version.path.iterdir()}
+    second = imgclf("bootstrap", "--repo", str(repo_dir))
+    assert second.returncode == 0 and "nothing changed" in second.stdout
+    assert repo.versions("imagenet-lite0") == [1]
+    assert {p.name: p.stat().st_mtime_ns for p in version.path.iterdir()} == before
+
+    session = create_session(version.model_path)
+    photos = real_photos()
+    labels = version.manifest.labels
+    spec = version.manifest.preprocessing
+    probs = softmax(run_logits(session, np.stack([image_to_tensor(photos[n], spec) for n in ("chelsea", "coffee")])))
+    assert labels[int(probs[0].argmax())] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert labels[int(probs[1].argmax())] == "espresso"
