@@ -173,7 +173,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                     if (root / split).is_dir():
                         given[split] = _folder_samples(root / split, classes)[1]
             else:
-                classes, given = _folder_samples(root)[0], {"all": _folder_samples(root)[1]}
+                classes, samples = _folder_samples(root)
+                given = {"all": samples}
         else:
             raise DataError(f"data source {cfg.source!r} is not 'digits', a directory or a .csv manifest")
         for split, samples in given.items():
@@ -185,15 +186,13 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         raise DataError(f"no readable images found in {cfg.source}")
     if len(classes) < 2:
         raise DataError(f"need at least two classes to train a classifier, found {classes}")
-    counts = Counter(s.label for s in pool + given.get("val", []))
+    counts = Counter(s.label for s in pool)
     empty = [name for i, name in enumerate(classes) if counts[i] == 0]
     if empty:
-        raise DataError(f"classes with no readable images: {empty}")
+        raise DataError(f"classes with no readable training images: {empty}")
 
     if "val" in given:
         train, val = pool, given["val"]
-    elif "train" in given and "all" not in given:
-        train, val = stratified_split(given["train"], cfg.val_fraction, split_seed)
     else:
         train, val = stratified_split(pool, cfg.val_fraction, split_seed)
     splits = Splits(classes, train, val, given.get("test", []), skipped)
