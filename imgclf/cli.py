@@ -43,7 +43,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file with any training hyperparameters")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="'digits', an ImageFolder directory or a CSV manifest")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", help="model name (see `imgclf models-available`)")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="architecture name (see `imgclf archs`)")]
 PretrainedOpt = Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="start from ImageNet weights")]
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="local pretrained weights file (offline)")]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs")]
@@ -156,8 +156,8 @@ def lr_find(
     typer.echo(f"suggested learning rate: {result.suggested_lr:.3g} (plot: {out / 'lr_find.png'})")
 
 
-@app.command("models-available")
-def models_available() -> None:
+@app.command("archs")
+def archs() -> None:
     """Architectures that `imgclf train --arch` accepts."""
     _require_training()
     from training.models import list_models

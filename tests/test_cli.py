@@ -111,3 +111,9 @@ def test_lr_find(tmp_path: Path) -> None:
     assert losses[lrs.index(found["suggested_lr"])] < losses[0]
     assert min(losses) < 0.9 * losses[0]
     assert (tmp_path / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_archs_lists_the_registry() -> None:
+    result = imgclf("archs")
+    assert result.returncode == 0
+    assert {"lenet5", "simple_cnn", "resnet18", "efficientnet_lite0"} <= set(result.stdout.split())

@@ -77,9 +77,19 @@ def test_l1_shrinks_weights(tmp_path: Path, baseline: dict) -> None:
     assert weight_norm(l1, 1) < 0.8 * weight_norm(baseline, 1)
 
 
-def test_weight_decay_shrinks_weights_but_not_norms_or_biases(tmp_path: Path, baseline: dict) -> None:
+def test_weight_decay_shrinks_weights(tmp_path: Path, baseline: dict) -> None:
     decayed = trained_state(config(regularization={"weight_decay": 0.5}), tmp_path)
     assert weight_norm(decayed, 2) < 0.9 * weight_norm(baseline, 2)
+
+
+def test_weight_decay_skips_norms_and_biases_in_the_optimizer() -> None:
+    cfg = config(model={"arch": "simple_cnn"}, regularization={"weight_decay": 0.05})
+    trainer = build_trainer(cfg, Path("unused"), load_splits(cfg.data, 0))
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decay = {g["weight_decay"]: [names[id(p)] for p in g["params"]] for g in trainer.optimizer.param_groups}
+    assert set(decay) == {0.0, 0.05}
+    assert "features.1.weight" in decay[0.0] and "classifier.2.bias" in decay[0.0]  # BatchNorm, bias
+    assert set(decay[0.05]) == {"features.0.weight", "features.4.weight", "classifier.2.weight"}
 
 
 def test_no_decay_excludes_norm_and_bias() -> None:
