@@ -14,11 +14,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Registers the offline ImageNet model once (idempotent). The HTTP service arrives with the
-# serving issue; until then this stops after setup and bootstrap.
+# Registers the offline ImageNet model once (idempotent), then serves on port 3000.
 serve: setup
 	$(VENV)/bin/imgclf bootstrap
-	$(VENV)/bin/imgclf models list
+	$(VENV)/bin/imgclf serve --port 3000
 
 test: setup
 	$(PY) -m pytest

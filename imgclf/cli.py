@@ -303,6 +303,27 @@ def models_rollback(name: str, repo: RepoOpt = None) -> None:
     typer.echo(json.dumps(aliases))
 
 
+@app.command()
+def serve(
+    repo: RepoOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 3000,
+) -> None:
+    """Serve the repository's production models over HTTP (a thin wrapper over `bentoml serve`)."""
+    import os
+    import sys
+
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    settings = Settings.from_env(model_repo=repo)
+    if not ModelRepository(settings.model_repo).names():
+        _fail(f"no models in {settings.model_repo}; run `imgclf bootstrap` or `imgclf export` first")
+    env = {**os.environ, "IMGCLF_MODEL_REPO": str(settings.model_repo.resolve()), "BENTOML_DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "bentoml", "serve", "service.app:Classifier", "--host", host, "--port", str(port)]
+    os.execvpe(command[0], command, env)
+
+
 @app.command("preprocess")
 def preprocess(
     image: Annotated[Path, typer.Argument(help="image file")],

@@ -5,14 +5,40 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_repo: Path = Field(default=Path("models"), description="IMGCLF_MODEL_REPO: the model repository")
+    model_repo: Path = Field(default=Path("models"), description="the model repository")
+    models: list[str] = Field(default_factory=list, description="NAME[:VERSION] to load, comma-separated; "
+                              "default: the production version of every model")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="cuda without a working CUDA "
+                                                   "provider is a startup error")
+    workers: int = Field(default=1, ge=1, description="worker processes, each with its own sessions")
+    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per session; 0: cores / workers")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="largest image file accepted")
+    max_pixels: int = Field(default=50_000_000, gt=0, description="largest decoded image accepted")
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="largest /classify_batch body")
+    max_batch_images: int = Field(default=32, ge=1, description="images per /classify_batch request")
+    max_batch_size: int = Field(default=32, ge=1, description="images per ONNX Runtime call")
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="how long a batch waits for more images")
+    max_concurrency: int = Field(default=64, ge=1, description="requests in flight per worker before 429")
+    timeout_s: float = Field(default=30.0, gt=0, description="request timeout (504 past it)")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def threads_per_session(self) -> int:
+        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

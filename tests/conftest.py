@@ -62,5 +62,16 @@ def digit_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def imagenet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding the bootstrapped imagenet-lite0 (built once per test session)."""
+    from service.repository import ModelRepository
+    from training.bootstrap import bootstrap
+
+    root = tmp_path_factory.mktemp("imagenet_models")
+    bootstrap(ModelRepository(root))
+    return root
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")

@@ -33,3 +33,14 @@ def test_int8_benchmark_runs(tmp_path: Path) -> None:
     assert set(payload["top1"]) == {"fp32", "int8"}
     assert payload["speedup_int8_over_fp32"]["32"] > 0
     assert payload["model_bytes"]["int8"] < payload["model_bytes"]["fp32"]
+
+
+def test_draft_effect_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.draft_effect", "--repo", str(imagenet_repo), "--megapixels", "1",
+         "--rounds", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((tmp_path / "draft_effect.json").read_text())
+    assert 0 <= payload["top1_agreement"] <= 1 and payload["median_ms_per_image"]["draft"] > 0

@@ -1,0 +1,178 @@
+"""The BentoML service: a thin face over the catalog, the shared preprocessing and the engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from starlette.responses import JSONResponse
+
+from service.catalog import Catalog, UnknownModelError
+from service.engine import ModelEngine, top_k
+from service.http_guard import RequestGuard, UploadRoute
+from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
+from service.schemas import (
+    BatchItem,
+    BatchResponse,
+    ClassifyResponse,
+    ErrorOut,
+    ModelInfo,
+    ModelsResponse,
+    PredictionOut,
+)
+from service.settings import Settings
+
+settings = Settings.from_env()  # the one place the service reads its environment
+
+PREPROCESS_SECONDS = bentoml.metrics.Histogram(
+    name="imgclf_preprocess_seconds", documentation="bytes -> tensor per image", labelnames=["model"])
+INFERENCE_SECONDS = bentoml.metrics.Histogram(
+    name="imgclf_inference_seconds", documentation="ONNX Runtime time per batch", labelnames=["model"])
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="imgclf_batch_size", documentation="images per ONNX Runtime call", labelnames=["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+ERRORS = bentoml.metrics.Counter(name="imgclf_errors_total", documentation="client errors by kind", labelnames=["kind"])
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="imgclf_model_info", documentation="loaded models and the provider they run on", labelnames=["model", "provider"])
+
+
+class ClientError(BentoMLException):
+    """A 4xx whose body says what was wrong (unwrapped into an object by the request guard)."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        self.error_code = HTTPStatus(status)
+        ERRORS.labels(kind=kind).inc()
+        super().__init__(json.dumps({"kind": kind, "message": message}))
+
+
+def _observe_batch(engine: ModelEngine, size: int, seconds: float) -> None:
+    BATCH_SIZE.labels(model=engine.key).observe(size)
+    INFERENCE_SECONDS.labels(model=engine.key).observe(seconds)
+
+
+class ModelsRoute:
+    """GET /models. BentoML APIs are POST-only and a mounted app only sees /models/..., so this
+    small middleware answers the exact path itself."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/") != "/models":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "GET":
+            response = JSONResponse({"error": "use GET /models", "kind": "method_not_allowed", "status": 405}, 405)
+        else:
+            response = JSONResponse(bentoml.get_current_service().models_info().model_dump(mode="json"))
+        await response(scope, receive, send)
+
+
+@bentoml.service(
+    workers=settings.workers,
+    traffic={"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency},
+)
+class Classifier:
+    """Image classification with the models of the repository (GET /models lists them)."""
+
+    def __init__(self) -> None:
+        self.settings = settings
+        self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        self.catalog = Catalog.load(settings)
+        for engine in self.catalog.engines.values():
+            engine.on_batch = _observe_batch
+            MODEL_INFO.labels(model=engine.key, provider=engine.provider).set(1)
+
+    # --- endpoints -------------------------------------------------------------------------------
+    @bentoml.api
+    async def classify(self, image: Path, top_k: int = 5, model: str | None = None) -> ClassifyResponse:
+        """Classify one image (multipart field `image`); scores are calibrated probabilities."""
+        started = time.perf_counter()
+        engine, k = self._engine(model), top_k
+        self._check_top_k(k, engine)
+        tensor, prep_ms = await self._tensor(image, engine)
+        probs = await engine.infer(tensor)
+        return ClassifyResponse(
+            model=engine.manifest.name, version=engine.manifest.version,
+            predictions=self._predictions(probs, engine, k),
+            timing_ms={"preprocess": prep_ms, "total": (time.perf_counter() - started) * 1000},
+        )
+
+    @bentoml.api
+    async def classify_batch(self, images: list[Path], top_k: int = 5, model: str | None = None) -> BatchResponse:
+        """Classify several images (repeated field `images`); one bad image fails only its own entry."""
+        started = time.perf_counter()
+        engine = self._engine(model)
+        self._check_top_k(top_k, engine)
+        if len(images) > self.settings.max_batch_images:
+            raise ClientError(413, "too_many_images", f"at most {self.settings.max_batch_images} images per request")
+
+        async def one(index: int, path: Path) -> BatchItem:
+            try:
+                tensor, _ = await self._tensor(path, engine)
+            except ClientError as exc:
+                detail = json.loads(str(exc))
+                error = ErrorOut(kind=detail["kind"], message=detail["message"], status=exc.error_code.value)
+                return BatchItem(index=index, error=error)
+            probs = await engine.infer(tensor)
+            return BatchItem(index=index, predictions=self._predictions(probs, engine, top_k))
+
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(images)))
+        return BatchResponse(
+            model=engine.manifest.name, version=engine.manifest.version, results=list(results),
+            timing_ms={"total": (time.perf_counter() - started) * 1000},
+        )
+
+    def models_info(self) -> ModelsResponse:
+        return ModelsResponse(models=[
+            ModelInfo(name=e.manifest.name, version=e.manifest.version, labels=len(e.manifest.labels),
+                      preprocessing=e.manifest.preprocessing, provider=e.provider, load_seconds=e.load_seconds,
+                      default=key == self.catalog.default)
+            for key, e in self.catalog.engines.items()
+        ])
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _engine(self, model: str | None) -> ModelEngine:
+        try:
+            return self.catalog.get(model)
+        except UnknownModelError as exc:
+            raise ClientError(404, "unknown_model", str(exc)) from exc
+        except ValueError as exc:
+            raise ClientError(400, "invalid_model", str(exc)) from exc
+
+    @staticmethod
+    def _check_top_k(k: int, engine: ModelEngine) -> None:
+        if not 1 <= k <= len(engine.manifest.labels):
+            raise ClientError(400, "invalid_top_k", f"top_k must be between 1 and {len(engine.manifest.labels)}, got {k}")
+
+    async def _tensor(self, path: Path, engine: ModelEngine) -> tuple[np.ndarray, float]:
+        """Decode and preprocess off the event loop; client mistakes become 4xx."""
+        start = time.perf_counter()
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+            tensor = await asyncio.to_thread(image_to_tensor, data, engine.manifest.preprocessing, self.limits)
+        except ImageInputError as exc:
+            raise ClientError(exc.status_code, exc.kind, str(exc)) from exc
+        seconds = time.perf_counter() - start
+        PREPROCESS_SECONDS.labels(model=engine.key).observe(seconds)
+        return tensor, seconds * 1000
+
+    @staticmethod
+    def _predictions(probs: np.ndarray, engine: ModelEngine, k: int) -> list[PredictionOut]:
+        return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in top_k(probs, engine.manifest.labels, k)]
+
+
+Classifier.add_asgi_middleware(ModelsRoute)
+Classifier.add_asgi_middleware(
+    RequestGuard,
+    routes={
+        "/classify": UploadRoute("image", settings.max_upload_bytes + 64 * 1024, 1),
+        "/classify_batch": UploadRoute("images", settings.max_request_bytes, settings.max_batch_images),
+    },
+)
