@@ -242,6 +242,23 @@ def test_bad_image_in_concurrent_traffic_fails_only_itself(server: httpx.Client)
             assert response.json()["predictions"][0]["label"] in CATS
 
 
+def metric_total(metrics: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+def test_concurrent_requests_are_batched(server: httpx.Client) -> None:
+    before = server.get("/metrics").text
+    data = jpeg(images.photo((256, 192)))
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: classify(server, data, top_k="1"), range(48)))
+    assert all(r.status_code == 200 for r in responses)
+    after = server.get("/metrics").text
+    images_run = metric_total(after, "imgclf_batch_size_sum") - metric_total(before, "imgclf_batch_size_sum")
+    batches = metric_total(after, "imgclf_batch_size_count") - metric_total(before, "imgclf_batch_size_count")
+    assert images_run == 48
+    assert batches < 48  # some ONNX Runtime calls carried several requests' images
+
+
 # --- operations ---------------------------------------------------------------------------------------------
 
 
