@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 
 from service.catalog import Catalog, UnknownModelError
 from service.engine import ModelEngine, top_k
-from service.http_guard import RequestGuard, UploadRoute
+from service.http_guard import ASGIApp, Receive, RequestGuard, Scope, Send, UploadRoute
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
 from service.schemas import (
     BatchItem,
@@ -42,12 +42,17 @@ MODEL_INFO = bentoml.metrics.Gauge(
     name="imgclf_model_info", documentation="loaded models and the provider they run on", labelnames=["model", "provider"])
 
 
+def count_error(kind: str) -> None:
+    ERRORS.labels(kind=kind).inc()
+
+
 class ClientError(BentoMLException):
     """A 4xx whose body says what was wrong (unwrapped into an object by the request guard)."""
 
     def __init__(self, status: int, kind: str, message: str) -> None:
         self.error_code = HTTPStatus(status)
-        ERRORS.labels(kind=kind).inc()
+        self.kind, self.message = kind, message
+        count_error(kind)
         super().__init__(json.dumps({"kind": kind, "message": message}))
 
 
@@ -60,10 +65,10 @@ class ModelsRoute:
     """GET /models. BentoML APIs are POST-only and a mounted app only sees /models/..., so this
     small middleware answers the exact path itself."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") != "/models":
             await self.app(scope, receive, send)
             return
@@ -94,13 +99,13 @@ class Classifier:
     async def classify(self, image: Path, top_k: int = 5, model: str | None = None) -> ClassifyResponse:
         """Classify one image (multipart field `image`); scores are calibrated probabilities."""
         started = time.perf_counter()
-        engine, k = self._engine(model), top_k
-        self._check_top_k(k, engine)
+        engine = self._engine(model)
+        self._check_top_k(top_k, engine)
         tensor, prep_ms = await self._tensor(image, engine)
         probs = await engine.infer(tensor)
         return ClassifyResponse(
             model=engine.manifest.name, version=engine.manifest.version,
-            predictions=self._predictions(probs, engine, k),
+            predictions=self._predictions(probs, engine, top_k),
             timing_ms={"preprocess": prep_ms, "total": (time.perf_counter() - started) * 1000},
         )
 
@@ -117,8 +122,7 @@ class Classifier:
             try:
                 tensor, _ = await self._tensor(path, engine)
             except ClientError as exc:
-                detail = json.loads(str(exc))
-                error = ErrorOut(kind=detail["kind"], message=detail["message"], status=exc.error_code.value)
+                error = ErrorOut(kind=exc.kind, message=exc.message, status=exc.error_code.value)
                 return BatchItem(index=index, error=error)
             probs = await engine.infer(tensor)
             return BatchItem(index=index, predictions=self._predictions(probs, engine, top_k))
@@ -171,6 +175,7 @@ class Classifier:
 Classifier.add_asgi_middleware(ModelsRoute)
 Classifier.add_asgi_middleware(
     RequestGuard,
+    on_error=count_error,
     routes={
         "/classify": UploadRoute("image", settings.max_upload_bytes + 64 * 1024, 1),
         "/classify_batch": UploadRoute("images", settings.max_request_bytes, settings.max_batch_images),

@@ -50,9 +50,17 @@ async def respond(send: Send, status: int, kind: str, message: str, headers: lis
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, routes: dict[str, UploadRoute]) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: dict[str, UploadRoute], on_error: Callable[[str], None] | None = None
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.on_error = on_error  # told the kind of every refusal, for metrics
+
+    async def _refuse(self, send: Send, status: int, kind: str, message: str, headers: list | None = None) -> None:
+        if self.on_error is not None:
+            self.on_error(kind)
+        await respond(send, status, kind, message, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -64,7 +72,7 @@ class RequestGuard:
             return
         problem = await self._check_form(scope, body, route)
         if problem is not None:
-            await respond(send, 400, *problem)
+            await self._refuse(send, 400, *problem)
             return
 
         replayed = False
@@ -83,7 +91,7 @@ class RequestGuard:
         declared = headers.get(b"content-length")
         too_big = f"request body is larger than {route.max_body} bytes"
         if declared is not None and declared.isdigit() and int(declared) > route.max_body:
-            await respond(send, 413, "request_too_large", too_big, [(b"connection", b"close")])
+            await self._refuse(send, 413, "request_too_large", too_big, [(b"connection", b"close")])
             return None
         chunks, size = [], 0
         while True:
@@ -93,7 +101,7 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > route.max_body:
-                await respond(send, 413, "request_too_large", too_big, [(b"connection", b"close")])
+                await self._refuse(send, 413, "request_too_large", too_big, [(b"connection", b"close")])
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
