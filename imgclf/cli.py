@@ -252,14 +252,18 @@ def models_list(repo: RepoOpt = None) -> None:
         typer.echo(f"{name}: " + ", ".join(f"{v}" + (f" ({'/'.join(t)})" if t else "") for v, t in tags.items()))
 
 
+def _get_version(ref: str, repo: Path | None):
+    r = _ref(ref)
+    return _repository(repo).get(r.name, r.version)
+
+
 @models_app.command("show")
 def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")], repo: RepoOpt = None) -> None:
     """The manifest of a version (production by default)."""
     from service.repository import RepositoryError
 
-    r = _ref(ref)
     try:
-        version = _repository(repo).get(r.name, r.version)
+        version = _get_version(ref, repo)
     except RepositoryError as exc:
         _fail(str(exc))
     typer.echo(version.manifest.model_dump_json(indent=2, exclude={"labels"}))
@@ -270,9 +274,8 @@ def models_verify(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION"
     """Check schema and sha256 of every file; exit code 1 when verification fails."""
     from service.repository import RepositoryError
 
-    r = _ref(ref)
     try:
-        version = _repository(repo).get(r.name, r.version)
+        version = _get_version(ref, repo)
     except RepositoryError as exc:
         typer.secho(f"FAILED: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None

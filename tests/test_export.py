@@ -17,6 +17,7 @@ from service.repository import ModelRepository
 from training.config import ModelConfig, resolve_config
 from training.export import (
     ExportError,
+    check_batch_invariance,
     check_graph,
     check_parity,
     export,
@@ -167,6 +168,8 @@ def test_batch_dependent_output_is_refused(tmp_path: Path) -> None:
     batch = np.random.default_rng(0).normal(size=(32, 1, 32, 32)).astype(np.float32)
     with pytest.raises(ExportError, match="depend on the batch|disagrees"):
         check_parity(Same(), tmp_path / "bd.onnx", batch)
+    with pytest.raises(ExportError, match="depend on the batch"):  # the invariance check on its own
+        check_batch_invariance(create_session(tmp_path / "bd.onnx"), batch)
 
 
 def test_parity_needs_enough_images(lenet_run: Path, tmp_path: Path) -> None:

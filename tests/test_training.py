@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.preprocessing import image_to_tensor
+from service.preprocessing import PreprocessSpec, image_to_tensor
 from training.config import TrainConfig, deep_merge, resolve_config
 from training.data import load_splits
 from training.regularization import no_decay_names
@@ -60,8 +60,6 @@ def test_report_uses_the_serving_preprocessing(tmp_path: Path) -> None:
     trainer = build_trainer(cfg, tmp_path / "x", load_splits(cfg.data, cfg.seed))
     trainer.model.load_state_dict(best["model"])
     trainer.model.eval()
-    from service.preprocessing import PreprocessSpec
-
     spec = PreprocessSpec.model_validate(best["spec"])
     splits = load_splits(cfg.data, cfg.seed)
     correct = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -346,8 +347,6 @@ def from_run(run_dir: Path, parity_images: int = 64, calibration_images: int = 2
     report_path = Path(run_dir) / "report.json"
     training_report = None
     if report_path.is_file():
-        import json
-
         full = json.loads(report_path.read_text())
         training_report = {k: full[k] for k in ("top1", "top5", "ece_before_temperature", "ece_after_temperature",
                                                 "temperature", "best_epoch") if k in full}

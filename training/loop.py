@@ -157,35 +157,40 @@ class Trainer:
         t = self.cfg.transfer
         return t.strategy == "linear_probe" or (t.strategy == "fine_tune" and epoch < t.head_epochs)
 
-    def train_epoch(self, epoch: int) -> float:
+    def start_epoch(self, epoch: int) -> None:
+        """Freeze or unfreeze the backbone for this epoch and put the model in training mode."""
         frozen = self.backbone_frozen(epoch)
         set_backbone_frozen(self.model, self.head, frozen)
         apply_train_mode(self.model, self.head, frozen, self.cfg.transfer.freeze_bn)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step with every regularizer of the config; returns the loss."""
         reg = self.cfg.regularization
+        x, y = x.to(self.device), y.to(self.device)
+        if self.mixer is not None:
+            x, y = self.mixer(x, y)
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with ctx:
+            loss = self.criterion(self.model(x), y)
+        if reg.l1 > 0:
+            loss = loss + reg.l1 * l1_penalty(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if reg.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), reg.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def train_epoch(self, epoch: int) -> float:
+        self.start_epoch(epoch)
         total, count = 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=None)
         for x, y in bar:
-            x, y = x.to(self.device), y.to(self.device)
-            if self.mixer is not None:
-                x, y = self.mixer(x, y)
-            ctx = (
-                torch.autocast(self.device.type, dtype=self.amp_dtype)
-                if self.amp_dtype else contextlib.nullcontext()
-            )
-            with ctx:
-                loss = self.criterion(self.model(x), y)
-            if reg.l1 > 0:
-                loss = loss + reg.l1 * l1_penalty(self.model)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if reg.grad_clip_norm:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), reg.grad_clip_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.schedule.after_batch()
-            total += loss.item() * len(x)
+            total += self.train_step(x, y) * len(x)
             count += len(x)
+            self.schedule.after_batch()
             bar.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
 

@@ -20,7 +20,6 @@ from training import plots
 from training.config import TrainConfig
 from training.data import load_splits
 from training.loop import epoch_seed, seed_everything
-from training.regularization import apply_train_mode, set_backbone_frozen
 from training.train import build_trainer
 
 log = logging.getLogger(__name__)
@@ -57,9 +56,7 @@ def lr_find(
     splits = load_splits(cfg.data, cfg.seed)
     trainer = build_trainer(cfg, out_dir, splits)
     seed_everything(epoch_seed(cfg.seed, 0), trainer.generator)
-    frozen = trainer.backbone_frozen(0)
-    set_backbone_frozen(trainer.model, trainer.head, frozen)
-    apply_train_mode(trainer.model, trainer.head, frozen, cfg.transfer.freeze_bn)
+    trainer.start_epoch(0)
     ratios = [g["lr"] / cfg.optim.lr for g in trainer.optimizer.param_groups]
     gamma = (end_lr / start_lr) ** (1 / max(num_iter - 1, 1))
     batches = itertools.islice(itertools.cycle(trainer.train_loader), num_iter)
@@ -68,12 +65,7 @@ def lr_find(
         lr = start_lr * gamma**step
         for group, ratio in zip(trainer.optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
-        x, y = x.to(trainer.device), y.to(trainer.device)
-        loss = trainer.criterion(trainer.model(x), y)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
-        avg = beta * avg + (1 - beta) * loss.item()
+        avg = beta * avg + (1 - beta) * trainer.train_step(x, y)  # the real step: L1, clipping, mixup, AMP
         smoothed = avg / (1 - beta ** (step + 1))
         if not math.isfinite(smoothed) or (step > 5 and smoothed > diverge * best):
             log.info("loss diverged at lr %.2e; stopping the range test", lr)
