@@ -307,6 +307,57 @@ def models_rollback(name: str, repo: RepoOpt = None) -> None:
 
 
 @app.command()
+def batch(
+    source: Annotated[str, typer.Argument(
+        metavar="INPUT", help="directory (recursive), glob, or manifest (one path per line, or CSV with a path "
+        "column); fsspec URLs (s3://, gs://, file://) when their filesystem package is installed")],
+    model: Annotated[str, typer.Option("--model", help="NAME or NAME:VERSION (NAME: its production version)")],
+    out: Annotated[Path, typer.Option("--out", help="output file; appears only when complete")],
+    fmt: Annotated[str | None, typer.Option("--format", help="csv, jsonl or parquet (default: from --out)")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per ONNX Runtime call")] = 32,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="parallel workers (0: one per core)")] = 0,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="rows written durably together")] = 512,
+    ordered: Annotated[bool, typer.Option("--ordered", help="rows in input order (else as chunks finish)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same job")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the output and any interrupted run")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (pip install 'imgclf[ray]')")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster (default: RAY_ADDRESS or "
+                                                    "a local Ray)")] = None,
+    fail_on_error: Annotated[bool, typer.Option("--fail-on-error", help="exit 1 when any input was bad")] = False,
+    repo: RepoOpt = None,
+) -> None:
+    """Score many images offline into csv/jsonl/parquet: parallel, resumable, one row per input."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from service.batch.inputs import InputError
+    from service.batch.output import JobStateError
+    from service.batch.runner import BatchOptions, run_batch
+    from service.repository import RepositoryError
+    from service.settings import Settings
+
+    try:
+        options = BatchOptions(source=source, model=model, out=out, format=fmt, top_k=top_k, batch_size=batch_size,
+                               workers=workers, chunk_size=chunk_size, ordered=ordered, resume=resume,
+                               overwrite=overwrite, engine=engine, ray_address=ray_address)
+        summary = run_batch(options, Settings.from_env(model_repo=repo), show_progress=sys.stderr.isatty())
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except (InputError, JobStateError, RepositoryError, ValueError) as exc:
+        _fail(str(exc))
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(summary.errors_by_kind.items())) or "none"
+    typer.echo(f"{summary.total} rows -> {summary.out} ({summary.model}:{summary.version})\n"
+               f"  ok {summary.ok}, error {summary.error} ({kinds})\n"
+               f"  scored {summary.processed} in {summary.wall_s:.1f}s = {summary.images_per_s:.1f} img/s "
+               f"({summary.engine}, {summary.workers} workers)"
+               + (f"; {summary.resumed_rows} rows from the interrupted run" if summary.resumed_rows else ""))
+    if fail_on_error and summary.error:
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(
     repo: RepoOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",

@@ -33,9 +33,12 @@ class EngineError(RuntimeError):
 
 
 def create_session(
-    model_path: str | os.PathLike[str], device: Device = "cpu", intra_op_threads: int = 0
+    model_path: str | os.PathLike[str] | bytes, device: Device = "cpu", intra_op_threads: int = 0
 ) -> ort.InferenceSession:
-    """A session on the asked device; ``cuda`` without a working CUDA provider is an error."""
+    """A session on the asked device; ``cuda`` without a working CUDA provider is an error.
+
+    ``model_path`` may be the model's bytes (what a Ray actor on another node receives).
+    """
     available = ort.get_available_providers()
     if device == "cuda" and CUDA not in available:
         raise EngineError(f"IMGCLF_DEVICE=cuda but onnxruntime has no CUDA provider (available: {available})")
@@ -43,10 +46,11 @@ def create_session(
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(Path(model_path)), sess_options=options, providers=providers)
+    model = model_path if isinstance(model_path, bytes) else str(Path(model_path))
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
     if device == "cuda" and session.get_providers()[0] != CUDA:
-        raise EngineError(f"CUDA provider failed to start for {model_path}; the session runs on {session.get_providers()}")
-    log.info("loaded %s on %s", model_path, session.get_providers()[0])
+        raise EngineError(f"CUDA provider failed to start; the session runs on {session.get_providers()}")
+    log.debug("loaded a session on %s", session.get_providers()[0])
     return session
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.atomic import atomic_write_json, atomic_write_text, current_umask
+from service.atomic import atomic_write_json, atomic_write_text, current_umask, fsync_dir
 from service.manifest import FileEntry, Manifest, validate_name
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -202,10 +194,10 @@ class ModelRepository:
                 for p in staging.iterdir():
                     with open(p, "rb") as fh:
                         os.fsync(fh.fileno())
-                _fsync_dir(staging)
+                fsync_dir(staging)
                 atomic_write_text(highest_file, str(version))
                 os.rename(staging, folder / str(version))
-                _fsync_dir(folder)
+                fsync_dir(folder)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
