@@ -14,6 +14,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -26,6 +27,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -103,8 +105,8 @@ class ScorerSpec:
     threads: int = 1
 
     def build(self) -> Scorer:
-        return Scorer(self.model, self.manifest, top_k=self.top_k, batch_size=self.batch_size, limits=self.limits,
-                      device=self.device, threads=self.threads)
+        return Scorer.create(self.model, self.manifest, top_k=self.top_k, batch_size=self.batch_size,
+                             limits=self.limits, device=self.device, threads=self.threads)
 
 
 def usable_cores() -> int:
@@ -133,12 +135,27 @@ def _score(items: list[Item]) -> list[Row]:
     return _worker.scorer.score(items)
 
 
-def _pool(kind: str, workers: int, spec: ScorerSpec) -> Executor:
+def _ready() -> bool:
+    return True
+
+
+@contextmanager
+def worker_pool(kind: str, workers: int, spec: ScorerSpec) -> Iterator[Executor]:
+    """A started pool: every worker has built its scorer before the first chunk is sent.
+
+    Processes are forked on Linux (they inherit the imported modules: no second start-up) before
+    any thread of ours exists; elsewhere they are spawned.
+    """
     if kind == "thread":
-        return ThreadPoolExecutor(workers, initializer=_init_worker, initargs=(spec,))
-    # spawn: the parent may run threads (progress bar), which fork would copy mid-lock
-    context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(spec,))
+        pool: Executor = ThreadPoolExecutor(workers, initializer=_init_worker, initargs=(spec,))
+    else:
+        method = "fork" if sys.platform == "linux" else "spawn"
+        context = multiprocessing.get_context(method)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(spec,))
+    with pool:
+        for future in [pool.submit(_ready) for _ in range(workers)]:
+            future.result()  # a worker that cannot load the model fails the job here, clearly
+        yield pool
 
 
 def _next_finished(
@@ -154,21 +171,19 @@ def _next_finished(
 
 
 def local_results(
-    pending: Iterator[Chunk], spec: ScorerSpec, workers: int, ordered: bool, kind: str = "process"
+    pool: Executor, pending: Iterator[Chunk], batch_size: int, workers: int, ordered: bool
 ) -> Iterator[tuple[Chunk, list[Row]]]:
     """Finished chunks from a local pool. At most a few batches per worker are queued ahead, so
     memory stays flat however many inputs there are."""
     in_flight: deque[tuple[Chunk, list[Future[list[Row]]]]] = deque()
-    with _pool(kind, workers, spec) as pool:
-        for chunk in pending:
-            futures = [pool.submit(_score, chunk.items[i:i + spec.batch_size])
-                       for i in range(0, len(chunk.items), spec.batch_size)]
-            in_flight.append((chunk, futures))
-            limit = max(4 * workers, 2 * len(futures))  # two chunks, so workers never wait on the writer
-            while len(in_flight) > 1 and sum(len(fs) for _, fs in in_flight) > limit:
-                yield _next_finished(in_flight, ordered)
-        while in_flight:
+    for chunk in pending:
+        futures = [pool.submit(_score, chunk.items[i:i + batch_size]) for i in range(0, len(chunk.items), batch_size)]
+        in_flight.append((chunk, futures))
+        limit = max(4 * workers, 2 * len(futures))  # two chunks, so workers never wait on the writer
+        while len(in_flight) > 1 and sum(len(fs) for _, fs in in_flight) > limit:
             yield _next_finished(in_flight, ordered)
+    while in_flight:
+        yield _next_finished(in_flight, ordered)
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -209,14 +224,16 @@ def run_batch(options: BatchOptions, settings: Settings, *, show_progress: bool 
                       settings.device if options.engine == "local" else "cpu")
     seen = [0]
     pending = _pending(chunks(itertools.chain([first], listing), options.chunk_size), state, seen)
-    if options.engine == "ray":
-        from service.batch.ray_engine import ray_results
-
-        results = ray_results(pending, spec, workers, options.ordered, options.ray_address)
-    else:
-        results = local_results(pending, spec, workers, options.ordered, options.executor)
     processed = 0
-    with progress_bar(count_inputs(options.source), resumed, show_progress) as advance:
+    with ExitStack() as stack:
+        if options.engine == "ray":
+            from service.batch.ray_engine import ray_results
+
+            results = ray_results(pending, spec, workers, options.ordered, options.ray_address)
+        else:
+            pool = stack.enter_context(worker_pool(options.executor, workers, spec))
+            results = local_results(pool, pending, options.batch_size, workers, options.ordered)
+        advance = stack.enter_context(progress_bar(count_inputs(options.source), resumed, show_progress))
         for chunk, rows in results:
             state.write_chunk(chunk.id, chunk.digest, rows)
             processed += len(rows)

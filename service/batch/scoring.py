@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -44,43 +45,57 @@ def error_row(index: int, path: str, kind: str, message: str) -> Row:
 
 
 class Scorer:
-    """One ONNX Runtime session and the settings to score batches of files with it."""
+    """An engine and the settings to score batches of files with it."""
 
-    def __init__(
-        self, model: str | os.PathLike[str] | bytes, manifest: Manifest, *, top_k: int, batch_size: int,
+    def __init__(self, engine: ModelEngine, *, top_k: int, batch_size: int, limits: DecodeLimits) -> None:
+        self.engine, self.top_k, self.batch_size, self.limits = engine, top_k, batch_size, limits
+
+    @classmethod
+    def create(
+        cls, model: str | os.PathLike[str] | bytes, manifest: Manifest, *, top_k: int, batch_size: int,
         limits: DecodeLimits, device: Device = "cpu", threads: int = 1,
-    ) -> None:
-        self.engine = ModelEngine(manifest, create_session(model, device, threads), load_seconds=0.0)
-        self.top_k, self.batch_size, self.limits = top_k, batch_size, limits
-
-    def tensor(self, data: bytes) -> np.ndarray:
-        return image_to_tensor(data, self.engine.manifest.preprocessing, self.limits)
+    ) -> Scorer:
+        """A scorer with a session of its own (one per worker)."""
+        engine = ModelEngine(manifest, create_session(model, device, threads), load_seconds=0.0)
+        return cls(engine, top_k=top_k, batch_size=batch_size, limits=limits)
 
     def score(self, items: Sequence[Item]) -> list[Row]:
-        """Rows for ``items`` in their order; files are decoded one by one and inferred in batches."""
-        rows: list[Row | None] = [None] * len(items)
-        pending: list[tuple[int, np.ndarray]] = []  # (position in items, tensor)
-        for position, (index, path) in enumerate(items):
-            try:
-                pending.append((position, self.tensor(read_input(path, self.limits.max_bytes))))
-            except ImageInputError as exc:
-                rows[position] = error_row(index, path, exc.kind, str(exc))
-            except OSError as exc:
-                rows[position] = error_row(index, path, "read_error", f"{type(exc).__name__}: {exc}")
-            except Exception as exc:  # a bug, not the file's fault: record it and keep the job going
-                log.exception("unexpected error on %s", path)
-                rows[position] = error_row(index, path, "internal_error", f"{type(exc).__name__}: {exc}")
-            if len(pending) == self.batch_size:
-                self._infer(pending, items, rows)
-                pending = []
-        if pending:
-            self._infer(pending, items, rows)
-        return rows  # type: ignore[return-value] - every position is filled above
+        """Rows for files, in their order."""
+        max_bytes = self.limits.max_bytes
+        return list(self.score_sources((i, path, partial(read_input, path, max_bytes)) for i, path in items))
 
-    def _infer(self, pending: list[tuple[int, np.ndarray]], items: Sequence[Item], rows: list[Row | None]) -> None:
-        probs = self.engine.probabilities(np.stack([t for _, t in pending]))
+    def score_sources(self, sources: Iterable[tuple[int, str, Callable[[], bytes]]]) -> Iterator[Row]:
+        """Rows in input order for (index, name, read) sources: decoded one by one, inferred in batches.
+
+        Any failure to read or decode becomes that input's error row; nothing else is affected.
+        """
+        window: list[Row | np.ndarray] = []  # rows and tensors in input order, until a batch is full
+        names: list[tuple[int, str]] = []
+        tensors = 0
+        for index, name, read in sources:
+            names.append((index, name))
+            try:
+                window.append(image_to_tensor(read(), self.engine.manifest.preprocessing, self.limits))
+                tensors += 1
+            except ImageInputError as exc:
+                window.append(error_row(index, name, exc.kind, str(exc)))
+            except OSError as exc:
+                window.append(error_row(index, name, "read_error", f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a bug, not the file's fault: record it and keep the job going
+                log.exception("unexpected error on %s", name)
+                window.append(error_row(index, name, "internal_error", f"{type(exc).__name__}: {exc}"))
+            if tensors == self.batch_size:
+                yield from self._resolve(window, names)
+                window, names, tensors = [], [], 0
+        yield from self._resolve(window, names)
+
+    def _resolve(self, window: list[Row | np.ndarray], names: list[tuple[int, str]]) -> Iterator[Row]:
+        batch = [t for t in window if isinstance(t, np.ndarray)]
+        probs = iter(self.engine.probabilities(np.stack(batch)) if batch else [])
         labels = self.engine.manifest.labels
-        for (position, _), p in zip(pending, probs, strict=True):
-            index, path = items[position]
-            best = top_k(p, labels, self.top_k)
-            rows[position] = Row(index, path, "ok", tuple(b.label for b in best), tuple(b.score for b in best))
+        for entry, (index, name) in zip(window, names, strict=True):
+            if isinstance(entry, Row):
+                yield entry
+                continue
+            best = top_k(next(probs), labels, self.top_k)
+            yield Row(index, name, "ok", tuple(b.label for b in best), tuple(b.score for b in best))
