@@ -12,14 +12,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
+
+from service.preprocessing import ImageInputError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class UploadRoute:
     max_body: int
     max_files: int
     other_fields: frozenset[str] = frozenset({"top_k", "model"})
+    check: Callable[[IO[bytes]], None] | None = None  # raises ImageInputError to refuse an upload's content
 
 
 def error_body(status: int, kind: str, message: str) -> bytes:
@@ -72,7 +76,7 @@ class RequestGuard:
             return
         problem = await self._check_form(scope, body, route)
         if problem is not None:
-            await self._refuse(send, 400, *problem)
+            await self._refuse(send, *problem)
             return
 
         replayed = False
@@ -107,12 +111,12 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _check_form(self, scope: Scope, body: bytes, route: UploadRoute) -> tuple[str, str] | None:
-        """None when the body is a well-formed upload; else (kind, message)."""
+    async def _check_form(self, scope: Scope, body: bytes, route: UploadRoute) -> tuple[int, str, str] | None:
+        """None when the body is a well-formed upload; else (status, kind, message)."""
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
         expected = f"send multipart/form-data with the image file in the field {route.file_field!r}"
         if not content_type.lower().startswith("multipart/form-data"):
-            return "invalid_request", f"{expected} (got content type {content_type or 'none'!r})"
+            return 400, "invalid_request", f"{expected} (got content type {content_type or 'none'!r})"
         sent = False
 
         async def once() -> Message:
@@ -126,19 +130,25 @@ class RequestGuard:
         try:
             form = await request.form(max_files=route.max_files + 1, max_fields=len(route.other_fields) + 8)
         except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
-            return "invalid_request", f"malformed multipart body: {exc}"
+            return 400, "invalid_request", f"malformed multipart body: {exc}"
         try:
             unknown = sorted(set(form.keys()) - route.other_fields - {route.file_field})
             if unknown:
                 allowed = sorted({route.file_field, *route.other_fields})
-                return "invalid_request", f"unknown form field(s) {unknown}; allowed: {allowed}"
+                return 400, "invalid_request", f"unknown form field(s) {unknown}; allowed: {allowed}"
             values = form.getlist(route.file_field)
             if not values:
-                return "invalid_request", f"missing file field {route.file_field!r}; {expected}"
+                return 400, "invalid_request", f"missing file field {route.file_field!r}; {expected}"
             if any(not isinstance(v, UploadFile) for v in values):
-                return "invalid_request", f"{route.file_field!r} must be a file upload; URLs and text are not fetched"
+                return 400, "invalid_request", f"{route.file_field!r} must be a file upload; URLs and text are not fetched"
             if len(values) > route.max_files:
-                return "too_many_images", f"at most {route.max_files} images per request, got {len(values)}"
+                return 400, "too_many_images", f"at most {route.max_files} images per request, got {len(values)}"
+            if route.check is not None:
+                for upload in values:
+                    try:
+                        await asyncio.to_thread(route.check, upload.file)
+                    except ImageInputError as exc:
+                        return exc.status_code, exc.kind, str(exc)
             return None
         finally:
             await form.close()

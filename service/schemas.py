@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.preprocessing import PreprocessSpec
 
@@ -51,3 +51,28 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+
+
+class ServedModel(BaseModel):
+    name: str
+    version: int
+
+
+class VersionChange(BaseModel):
+    """Serialised with ``by_alias=True``: the JSON field is ``from``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str
+    from_: int | None = Field(alias="from", description="version served before; null for a model new to the service")
+    to: int = Field(description="version served now")
+
+
+class ReloadResponse(BaseModel):
+    """POST /admin/reload (200): what the worker that took the request serves now.
+
+    Other workers converge by watching the repository's aliases (IMGCLF_POLL_SECONDS).
+    """
+
+    models: list[ServedModel]
+    changed: list[VersionChange] = Field(description="models whose version this reload changed; empty: none")

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+MULTI_WORKER_POLL_SECONDS = 2.0
 
 
 class Settings(BaseModel):
@@ -28,6 +30,16 @@ class Settings(BaseModel):
     batch_wait_ms: float = Field(default=2.0, ge=0, description="how long a batch waits for more images")
     max_concurrency: int = Field(default=64, ge=1, description="requests in flight per worker before 429")
     timeout_s: float = Field(default=30.0, gt=0, description="request timeout (504 past it)")
+    max_archive_bytes: int = Field(default=256 * 1024 * 1024, gt=0, description="largest /batch/submit upload")
+    max_archive_entries: int = Field(default=10_000, gt=0, description="files in one /batch/submit archive")
+    max_archive_expanded_bytes: int = Field(default=1024 * 1024 * 1024, gt=0,
+                                            description="uncompressed bytes of one archive")
+    max_archive_ratio: float = Field(default=100.0, gt=1, description="uncompressed / compressed size above which "
+                                     "an archive or entry is refused as a bomb")
+    admin_token: SecretStr | None = Field(default=None, description="bearer token for POST /admin/reload; "
+                                          "unset: the admin endpoints are off (404)")
+    poll_seconds: float = Field(default=0.0, ge=0, description="re-read the aliases every N seconds and reload "
+                                "when production changed; 0: off (2 s when IMGCLF_WORKERS > 1)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -35,6 +47,17 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def watch_seconds(self) -> float:
+        """How often each worker checks the aliases. With several workers an admin reload reaches only
+        one of them, so the others must watch to converge: polling is on by default then."""
+        return self.poll_seconds or (MULTI_WORKER_POLL_SECONDS if self.workers > 1 else 0.0)
 
     @property
     def threads_per_session(self) -> int:

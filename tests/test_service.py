@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import images
@@ -334,3 +336,118 @@ def test_settings_from_environment() -> None:
     assert settings.models == ["a", "b:2"] and settings.workers == 2 and settings.device == "cpu"
     with pytest.raises(ValueError, match="device"):
         Settings.from_env({"IMGCLF_DEVICE": "tpu"})
+
+
+# --- batch jobs: `imgclf batch` and the /batch task ---------------------------------------------------
+
+
+def _batch_files(root: Path) -> dict[str, bytes]:
+    files = {
+        "cats/chelsea.jpg": jpeg(images.photo()),
+        "cats/chelsea_small.png": images.encode(images.photo((200, 150)), "PNG"),
+        "coffee.webp": images.encode(images.photo(which="coffee"), "WEBP"),
+        "rocket.jpg": jpeg(images.photo((300, 500), which="rocket")),
+        "broken.jpg": b"\xff\xd8\xff\xe0 truncated",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def _wait_for_task(server: httpx.Client, task_id: str) -> httpx.Response:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = server.get("/batch/status", params={"task_id": task_id}).json()["status"]
+        if status in ("success", "completed", "failure", "failed"):
+            return server.get("/batch/get", params={"task_id": task_id})
+        time.sleep(0.2)
+    raise AssertionError("task did not finish")
+
+
+def test_batch_job_and_task_agree_with_classify(server: httpx.Client, repo_dir: Path, tmp_path: Path) -> None:
+    """The same files through /classify, `imgclf batch` and the /batch task: the same answers."""
+    import tarfile
+    import zipfile
+
+    from service.batch.runner import BatchOptions, run_batch
+    from service.settings import Settings
+
+    files = _batch_files(tmp_path / "in")
+    summary = run_batch(BatchOptions(source=str(tmp_path / "in"), model="imagenet-lite0", out=tmp_path / "o.jsonl",
+                                     top_k=3), Settings.from_env({}, model_repo=repo_dir))
+    offline = {Path(r["path"]).relative_to(tmp_path / "in").as_posix(): r
+               for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
+    assert summary.total == len(files) == len(offline)
+
+    with zipfile.ZipFile(tmp_path / "job.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("__MACOSX/cats/._chelsea.jpg", b"resource fork")  # skipped, like the hidden files
+    with tarfile.open(tmp_path / "job.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "in", arcname=".")
+    for archive in ("job.zip", "job.tar.gz"):
+        submitted = server.post("/batch/submit", files={"archive": (archive, (tmp_path / archive).read_bytes())},
+                                data={"top_k": "3"})
+        assert submitted.status_code == 200, submitted.text
+        result = _wait_for_task(server, submitted.json()["task_id"])
+        assert result.status_code == 200 and "ndjson" in result.headers["content-type"]
+        online = {r["path"]: r for r in map(json.loads, result.text.splitlines())}
+        assert set(online) == set(files), archive
+        for name, data in files.items():
+            a, b = online[name], offline[name]
+            assert (a["status"], a["labels"], a["error_kind"]) == (b["status"], b["labels"], b["error_kind"])
+            if a["status"] == "ok":
+                answer = classify(server, data, top_k="3").json()
+                assert [p["label"] for p in answer["predictions"]] == a["labels"]
+                for p, online_score, offline_score in zip(answer["predictions"], a["scores"], b["scores"], strict=True):
+                    assert p["score"] == pytest.approx(online_score, abs=1e-5) == pytest.approx(offline_score, abs=1e-5)
+    assert offline["broken.jpg"]["status"] == "error"
+    assert offline["cats/chelsea.jpg"]["labels"][0] in CATS
+
+
+def _zip(entries: dict[str, bytes], compression: int = 8) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tar(add: Callable[[Any], None]) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        add(tf)
+    return buf.getvalue()
+
+
+def _tar_link(tf: Any) -> None:
+    import tarfile
+
+    link = tarfile.TarInfo("cat.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tf.addfile(link)
+
+
+def test_batch_task_refuses_hostile_archives(server: httpx.Client) -> None:
+    cat = jpeg(images.photo((64, 48)))
+    cases = [
+        (_zip({"ok.jpg": cat, "../evil.jpg": cat}), 400, "outside the archive"),
+        (_zip({"/etc/cron.d/x.jpg": cat}), 400, "outside the archive"),
+        (_zip({"a\\..\\..\\b.jpg": cat}), 400, "outside the archive"),
+        (_zip({"bomb.bmp": bytes(MAX_UPLOAD - 1)}), 400, "decompression bomb"),  # ~1000x
+        (_zip({f"{i}.jpg": cat for i in range(3)} | {"big.raw": bytes(MAX_UPLOAD + 1)}), 413, "bytes uncompressed"),
+        (_tar(_tar_link), 400, "link"),
+        (b"PK\x03\x04 not really a zip", 400, "not a readable"),
+        (cat, 400, "not a readable"),
+    ]
+    for body, status, words in cases:
+        response = server.post("/batch/submit", files={"archive": ("a.zip", body)})
+        assert_client_error(response, status, words)
+    ssrf = server.post("/batch/submit", files={"archive": (None, "http://169.254.169.254/latest/meta-data")})
+    assert_client_error(ssrf, 400, "file upload")
+    assert server.get("/readyz").status_code == 200
