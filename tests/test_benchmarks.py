@@ -44,3 +44,53 @@ def test_draft_effect_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> Non
     assert result.returncode == 0, result.stderr
     payload = json.loads((tmp_path / "draft_effect.json").read_text())
     assert 0 <= payload["top1_agreement"] <= 1 and payload["median_ms_per_image"]["draft"] > 0
+
+
+def test_batch_throughput_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.batch_throughput", "--repo", str(imagenet_repo), "--distinct", "4",
+         "--imagenet-inputs", "8", "--distinct-photos", "2", "--photo-inputs", "2", "--megapixels", "1",
+         "--memory-inputs", "--rounds", "1", "--no-compare-threads", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "batch_throughput.json").read_text())
+    for entry in payload["throughput"].values():
+        assert entry["ceiling"]["ceiling_images_per_s"] > 0 and entry["process"]["runs"][0]["rows"] == entry["inputs"]
+    assert "of ceiling" in (tmp_path / "batch_throughput.md").read_text()
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_model_ceiling_benchmark_runs(tmp_path: Path) -> None:
+    result = _bench("benchmarks.model_ceiling", "--models", "lenet5", "--batch-sizes", "1", "4", "--rounds", "1",
+                    "--seconds", "0.05", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "model_ceiling.json").read_text())["results"]["lenet5"]["images_per_s"]
+    assert set(figures) == {"ort_fp32", "ort_int8", "torch_eager_fp32"} and figures["ort_int8"]["4"] > 0
+
+
+def test_preprocess_cost_benchmark_runs(tmp_path: Path) -> None:
+    result = _bench("benchmarks.preprocess_cost", "--rounds", "1", "--seconds", "0.05", "--megapixels", "1",
+                    "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "preprocess_cost.json").read_text())["results"]
+    assert {"jpeg_500x375", "png_500x375", "webp_500x375"} <= set(results)
+    assert all(r["core_ms"]["ours"] > 0 and r["max_abs_difference"] < 0.5 for r in results.values())
+
+
+def test_http_e2e_and_cold_start_benchmarks_run(tmp_path: Path, imagenet_repo: Path) -> None:
+    result = _bench("benchmarks.http_e2e", "--repo", str(imagenet_repo), "--seconds", "0.5", "--concurrency", "2",
+                    "--photo-concurrency", "2", "--open-fractions", "0.5", "--distinct", "6", "--megapixels", "1",
+                    "--variant", "1 worker:IMGCLF_WORKERS=1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "http_e2e.json").read_text())
+    ours = payload["imgclf"]["1 worker"]["imagenet"]
+    assert ours["closed"]["2"]["ok"] > 0 and ours["closed"]["2"]["errors"] == 0 and ours["open"]["0.5"]["ok"] > 0
+    assert payload["naive"]["photo12mp"]["closed"]["2"]["errors"] == 0
+    cold = _bench("benchmarks.cold_start", "--repo", str(imagenet_repo), "--runs", "1", "--out", str(tmp_path))
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert json.loads((tmp_path / "cold_start.json").read_text())["median"]["ready_s"] > 0
