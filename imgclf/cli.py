@@ -322,6 +322,7 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same job")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the output and any interrupted run")] = False,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (pip install 'imgclf[ray]')")] = "local",
+    executor: Annotated[str, typer.Option("--executor", help="local workers: process or thread")] = "process",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster (default: RAY_ADDRESS or "
                                                     "a local Ray)")] = None,
     fail_on_error: Annotated[bool, typer.Option("--fail-on-error", help="exit 1 when any input was bad")] = False,
@@ -341,7 +342,8 @@ def batch(
     try:
         options = BatchOptions(source=source, model=model, out=out, format=fmt, top_k=top_k, batch_size=batch_size,
                                workers=workers, chunk_size=chunk_size, ordered=ordered, resume=resume,
-                               overwrite=overwrite, engine=engine, ray_address=ray_address)
+                               overwrite=overwrite, engine=engine, executor=executor,
+                               ray_address=ray_address)
         summary = run_batch(options, Settings.from_env(model_repo=repo), show_progress=sys.stderr.isatty())
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
@@ -393,6 +395,109 @@ def preprocess(
     except (ImageInputError, ValueError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"shape": list(tensor.shape), "mean": float(tensor.mean()), "std": float(tensor.std())}))
+
+
+
+pipeline_app = typer.Typer(
+    help="Retrain and deploy: validate data, train, evaluate against production, gate, register, promote, "
+    "reload services (roll back on failure). `imgclf pipeline --name N --data DIR --holdout DIR` runs it.",
+    invoke_without_command=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+STATUS_COLORS = {"promoted": typer.colors.GREEN, "skipped": typer.colors.GREEN, "rejected": typer.colors.YELLOW,
+                 "failed": typer.colors.RED, "rolled_back": typer.colors.RED, "running": typer.colors.BLUE}
+STEP_MARKS = {"ok": "ok  ", "failed": "FAIL", "skipped": "skip", "running": "... "}
+
+
+@pipeline_app.callback()
+def pipeline(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline YAML (see deploy/pipeline.yaml)")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="model name in the repository")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="ImageFolder tree of training images")] = None,
+    holdout: Annotated[Path | None, typer.Option("--holdout", help="ImageFolder tree of held-out images")] = None,
+    repo: RepoOpt = None,
+    arch: ArchOpt = None,
+    epochs: EpochsOpt = None,
+    seed: SeedOpt = None,
+    init: Annotated[str | None, typer.Option("--init", help="pretrained (the config's initial weights) or "
+                                             "production (warm start from production's checkpoint)")] = None,
+    service_url: Annotated[list[str] | None, typer.Option("--service-url", help="service to reload and verify "
+                                                          "(repeatable; replaces the config's list)")] = None,
+    admin_token: Annotated[str | None, typer.Option("--admin-token", envvar="IMGCLF_ADMIN_TOKEN",
+                                                    help="bearer token of the services' POST /admin/reload",
+                                                    show_default=False)] = None,
+    allow_label_change: Annotated[bool, typer.Option("--allow-label-change", help="accept a label set that "
+                                                     "differs from production's (a new model)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="run even when data and config are unchanged")] = False,
+) -> None:
+    """Exit codes: 0 promoted (or no changes), 1 failed or rolled back, 2 usage error, 3 rejected by the gate."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _require_training()
+    from training.config import ConfigError
+    from training.pipeline import run_pipeline
+    from training.pipeline_config import load_pipeline_config
+    from training.pipeline_record import PipelineBusyError, StepRecord
+
+    overrides: dict[str, Any] = {k: v for k, v in (("name", name), ("data", data), ("holdout", holdout),
+                                                    ("repo", repo), ("init", init)) if v is not None}
+    train_overrides = _overrides(None, arch, None, None, epochs, None, None, None, seed)
+    if train_overrides:
+        overrides["train"] = train_overrides
+    if service_url:
+        overrides["deploy"] = {"service_urls": service_url}
+    if allow_label_change:
+        overrides["allow_label_change"] = True
+    try:
+        cfg = load_pipeline_config(config, overrides)
+        cfg.require()
+    except ConfigError as exc:
+        _fail(str(exc))
+    repository = _repository(cfg.repo)
+    for chatty in ("onnxscript", "onnx_ir"):  # the ONNX exporter's pass-by-pass INFO lines
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+    def show(step: StepRecord) -> None:
+        color = {"ok": None, "skipped": None, "failed": typer.colors.RED}.get(step.status)
+        typer.secho(f"[{STEP_MARKS[step.status]}] {step.name:<13} {step.summary} ({step.seconds or 0:.1f} s)", fg=color)
+
+    try:
+        result = run_pipeline(cfg, repository.root, admin_token=(admin_token or "").strip() or None,
+                              config_file=config, force=force, on_step=show)
+    except (ConfigError, PipelineBusyError) as exc:
+        _fail(str(exc))
+    record = result.record
+    typer.secho(f"{record.status}: {record.reason}", fg=STATUS_COLORS.get(record.status), bold=True)
+    typer.echo(f"run record: {result.path}")
+    raise typer.Exit(result.exit_code)
+
+
+@pipeline_app.command("history")
+def pipeline_history(
+    repo: RepoOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="only this model")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the full records, as a JSON list")] = False,
+) -> None:
+    """Past pipeline runs, oldest first: outcome, versions, held-out top-1 of both models, why."""
+    from training.pipeline_record import read_records
+
+    if name is not None:
+        _ref(name)
+    records = read_records(_repository(repo).root, name)
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return
+    if not records:
+        typer.echo("no pipeline runs recorded")
+        return
+    for r in records:
+        before, after = r.versions.get("before", {}), r.versions.get("after", {})
+        cand, prod = r.metrics.get("candidate"), r.metrics.get("production")
+        top1 = (f"top-1 {cand['top1']:.4f}" if cand else "top-1 -") + (f" vs {prod['top1']:.4f}" if prod else "")
+        typer.secho(f"{r.run_id}  {r.name:<16} {r.status:<11}", fg=STATUS_COLORS.get(r.status), nl=False)
+        typer.echo(f" v{before.get('production', '-')} -> v{after.get('production', '-')}  {top1:<24} "
+                   f"{r.timings.get('total', 0):6.1f} s  {r.reason}")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,14 @@ class ModelRepository:
         log.info("%s: production -> %d", name, version)
         return new
 
+    def demote(self, name: str) -> dict[str, int]:
+        """Remove the production alias: undoes a model's first promotion, when there is no previous one."""
+        with self._locked(name) as folder:
+            new = {k: v for k, v in self.aliases(name).items() if k != PRODUCTION}
+            atomic_write_json(folder / ALIASES, new)
+        log.info("%s: production alias removed", name)
+        return new
+
     def rollback(self, name: str) -> dict[str, int]:
         """Swap production and previous."""
         with self._locked(name) as folder:

@@ -154,6 +154,15 @@ def test_promote_and_rollback(repo: ModelRepository) -> None:
         repo.promote("tiny", 7)
 
 
+def test_demote_undoes_a_first_promotion(repo: ModelRepository) -> None:
+    repo.add_version("tiny", writer("tiny"))
+    repo.promote("tiny", 1)
+    assert repo.demote("tiny") == {}
+    with pytest.raises(ModelNotFoundError, match="no production version"):
+        repo.get("tiny")
+    assert repo.versions("tiny") == [1]  # the version itself stays, only the alias goes
+
+
 def test_rollback_without_previous(repo: ModelRepository) -> None:
     repo.add_version("tiny", writer("tiny"))
     repo.promote("tiny", 1)

@@ -35,7 +35,7 @@ from service.manifest import (
     TrainingProvenance,
 )
 from service.preprocessing import PreprocessSpec, image_to_tensor
-from service.repository import MODEL_FILE, ModelRepository, ModelVersion
+from service.repository import MODEL_FILE, ModelRepository, ModelVersion, sha256_file
 from training import plots
 from training.config import TrainConfig
 from training.data import Sample, load_splits
@@ -212,15 +212,19 @@ def convert_fp16(fp32: Path, out: Path) -> dict[str, Any]:
 # --- metrics, card, registration ------------------------------------------------------------------
 
 
-def evaluate_onnx(path: Path, samples: Sequence[Sample], spec: PreprocessSpec, labels: list[str]) -> dict[str, Any]:
-    """The version's own accuracy: ORT on this file, the shared preprocessing, the validation split."""
+def onnx_logits(path: Path, samples: Sequence[Sample], spec: PreprocessSpec) -> np.ndarray:
+    """Logits of ONNX Runtime on this file for labelled images, through the shared preprocessing."""
     session = create_session(path)
-    logits = np.concatenate([
+    return np.concatenate([
         run_logits(session, preprocess_all([s.read() for s in samples[i:i + 64]], spec))
         for i in range(0, len(samples), 64)
     ])
+
+
+def evaluate_onnx(path: Path, samples: Sequence[Sample], spec: PreprocessSpec, labels: list[str]) -> dict[str, Any]:
+    """The version's own accuracy: ORT on this file, the shared preprocessing, the validation split."""
     targets = torch.tensor([s.label for s in samples])
-    return classification_report(torch.from_numpy(logits), targets, labels)
+    return classification_report(torch.from_numpy(onnx_logits(path, samples, spec)), targets, labels)
 
 
 def dataset_fingerprint(samples: Sequence[Sample]) -> str:
@@ -296,8 +300,13 @@ def model_card(manifest: Manifest) -> str:
 def register(
     repo: ModelRepository, name: str, exported: ExportedModel, onnx_path: Path, *, exporter: str,
     precision: Precision, parity: dict[str, Any], quantization: dict[str, Any] | None, report: dict[str, Any] | None,
+    expected_sha256: str | None = None,
 ) -> ModelVersion:
-    """Write the version (model, manifest, labels, card, confusion matrix) atomically."""
+    """Write the version (model, manifest, labels, card, confusion matrix) atomically.
+
+    ``expected_sha256``: the digest of the file that passed the checks; a copy that differs
+    (corrupted or replaced between checking and registering) is refused and nothing is written.
+    """
     graph = onnx.load(str(onnx_path)).graph
     out_shape = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
     metrics = Metrics(note="no labelled evaluation set was given")
@@ -312,6 +321,10 @@ def register(
 
     def write(staging: Path, version: int) -> Manifest:
         staging.joinpath(MODEL_FILE).write_bytes(onnx_path.read_bytes())
+        if expected_sha256 is not None and sha256_file(staging / MODEL_FILE) != expected_sha256:
+            raise ExportError(
+                f"{onnx_path} is not the file that passed the export checks (sha256 differs); nothing registered"
+            )
         staging.joinpath("labels.txt").write_text("\n".join(exported.labels) + "\n")
         manifest = Manifest(
             name=name, version=version, created_at=datetime.now(UTC), architecture=exported.architecture,
@@ -368,38 +381,64 @@ def from_run(run_dir: Path, parity_images: int = 64, calibration_images: int = 2
     )
 
 
+@dataclass
+class Candidate:
+    """An exported ONNX file that passed every check, not registered yet."""
+
+    path: Path
+    exporter: str
+    precision: Precision
+    parity: dict[str, Any]
+    quantization: dict[str, Any] | None
+    report: dict[str, Any] | None  # the version's own metrics (validation split), None without one
+    sha256: str  # of the checked file: registration refuses any other bytes
+
+
+def prepare(
+    exported: ExportedModel, workdir: Path, *, precision: Precision = "fp32", max_top1_drop: float = 0.01,
+) -> Candidate:
+    """Export into ``workdir``, check, optionally quantize or halve, and measure. Raises ExportError."""
+    workdir = Path(workdir)
+    fp32 = workdir / "fp32.onnx"
+    exporter = to_onnx(exported.model, exported.spec, fp32)
+    check_graph(fp32)
+    batch = preprocess_all(exported.check_images, exported.spec)
+    parity = check_parity(exported.model, fp32, batch)
+    report = evaluate_onnx(fp32, exported.eval_samples, exported.spec, exported.labels) if exported.eval_samples else None
+    final, quantization = fp32, None
+    if precision != "fp32":
+        final = workdir / f"{precision}.onnx"
+        if precision == "int8":
+            quantization = quantize_int8(fp32, final, preprocess_all(exported.calibration_images, exported.spec))
+        else:
+            quantization = convert_fp16(fp32, final)
+        check_graph(final)
+        parity["variant_batch_invariance_max_diff"] = check_batch_invariance(create_session(final), batch, atol=1e-3)
+        if report is not None:
+            fp32_top1 = report["top1"]
+            report = evaluate_onnx(final, exported.eval_samples, exported.spec, exported.labels)
+            drop = fp32_top1 - report["top1"]
+            quantization |= {"fp32_top1": fp32_top1, "top1": report["top1"], "top1_drop": drop}
+            if drop > max_top1_drop:
+                raise ExportError(
+                    f"{precision} top-1 {report['top1']:.4f} is {drop * 100:.2f} points below fp32 "
+                    f"{fp32_top1:.4f}; the limit is {max_top1_drop * 100:.2f} (raise --max-top1-drop to accept)"
+                )
+    return Candidate(final, exporter, precision, parity, quantization, report, sha256_file(final))
+
+
+def register_candidate(repo: ModelRepository, name: str, exported: ExportedModel, candidate: Candidate) -> ModelVersion:
+    """Register a prepared candidate; only the exact bytes that were checked get in."""
+    return register(repo, name, exported, candidate.path, exporter=candidate.exporter, precision=candidate.precision,
+                    parity=candidate.parity, quantization=candidate.quantization, report=candidate.report,
+                    expected_sha256=candidate.sha256)
+
+
 def export(
     exported: ExportedModel, repo: ModelRepository, name: str, *, precision: Precision = "fp32",
     max_top1_drop: float = 0.01,
 ) -> ModelVersion:
     """Export, check, optionally quantize or halve, measure, then register. Raises ExportError."""
     with tempfile.TemporaryDirectory(prefix="imgclf-export-") as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        exporter = to_onnx(exported.model, exported.spec, fp32)
-        check_graph(fp32)
-        batch = preprocess_all(exported.check_images, exported.spec)
-        parity = check_parity(exported.model, fp32, batch)
-        report = evaluate_onnx(fp32, exported.eval_samples, exported.spec, exported.labels) if exported.eval_samples else None
-        final, quantization = fp32, None
-        if precision != "fp32":
-            final = Path(tmp) / f"{precision}.onnx"
-            if precision == "int8":
-                quantization = quantize_int8(fp32, final, preprocess_all(exported.calibration_images, exported.spec))
-            else:
-                quantization = convert_fp16(fp32, final)
-            check_graph(final)
-            parity["variant_batch_invariance_max_diff"] = check_batch_invariance(
-                create_session(final), batch, atol=1e-3
-            )
-            if report is not None:
-                fp32_top1 = report["top1"]
-                report = evaluate_onnx(final, exported.eval_samples, exported.spec, exported.labels)
-                drop = fp32_top1 - report["top1"]
-                quantization |= {"fp32_top1": fp32_top1, "top1": report["top1"], "top1_drop": drop}
-                if drop > max_top1_drop:
-                    raise ExportError(
-                        f"{precision} top-1 {report['top1']:.4f} is {drop * 100:.2f} points below fp32 "
-                        f"{fp32_top1:.4f}; the limit is {max_top1_drop * 100:.2f} (raise --max-top1-drop to accept)"
-                    )
-        return register(repo, name, exported, final, exporter=exporter, precision=precision, parity=parity,
-                        quantization=quantization, report=report)
+        candidate = prepare(exported, Path(tmp), precision=precision, max_top1_drop=max_top1_drop)
+        return register_candidate(repo, name, exported, candidate)

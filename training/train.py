@@ -126,10 +126,28 @@ def final_report(trainer: Trainer, splits: Splits, wall_seconds: float) -> dict[
     return report
 
 
+def load_initial_weights(trainer: Trainer, checkpoint: Path) -> None:
+    """Warm start: every weight from another run's checkpoint (same architecture and classes)."""
+    state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+    if state.get("arch") != trainer.meta["arch"] or state.get("classes") != trainer.meta["classes"]:
+        raise ConfigError(
+            f"cannot warm-start from {checkpoint}: it is {state.get('arch')} over {state.get('classes')}, "
+            f"this run is {trainer.meta['arch']} over {trainer.meta['classes']}"
+        )
+    trainer.model.load_state_dict(state["model"])
+    trainer.meta["weights_source"] = f"warm start from {checkpoint}"
+    log.info("warm start from %s", checkpoint)
+
+
 def train(
-    cfg: TrainConfig, run_dir: Path, *, resume: bool = False, callbacks: Sequence[EpochCallback] = ()
+    cfg: TrainConfig, run_dir: Path, *, resume: bool = False, callbacks: Sequence[EpochCallback] = (),
+    init_weights: Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) a run and write every output; returns the report."""
+    """Train (or resume) a run and write every output; returns the report.
+
+    ``init_weights``: a checkpoint (``best.pt`` of an earlier run) to start from instead of the
+    config's initial weights; same architecture and classes.
+    """
     run_dir = Path(run_dir)
     started = time.perf_counter()
     splits = load_splits(cfg.data, cfg.seed)
@@ -143,6 +161,8 @@ def train(
         trainer.load(trainer.last_path)
         log.info("resumed %s after epoch %d", run_dir, trainer.epoch)
     else:
+        if init_weights is not None:
+            load_initial_weights(trainer, Path(init_weights))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     atomic_write_json(run_dir / "data.json", splits.summary() | {"skipped_files": splits.skipped})

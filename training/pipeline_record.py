@@ -1,0 +1,116 @@
+"""Run records: one JSON file per pipeline run, inside the model repository, written atomically.
+
+    <repo>/.pipeline/<name>/<run_id>.json     the record, rewritten after every step
+    <repo>/.pipeline/<name>/runs/<run_id>/    the training run (default work_dir)
+    <repo>/.pipeline/<name>/.lock             one pipeline run per model at a time
+
+The folder starts with a dot: ``ModelRepository.names()`` (and so the service) skips it, and no
+model can be called that (names start with a letter or digit). No torch here, so
+``imgclf pipeline history`` runs in a serving-only install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from service.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = ".pipeline"
+Status = Literal["running", "promoted", "rejected", "skipped", "failed", "rolled_back"]
+StepStatus = Literal["running", "ok", "failed", "skipped"]
+# promoted/skipped: 0; failed or rolled back: 1; a usage error: 2 (no record); rejected by the gate: 3
+EXIT_CODES: dict[str, int] = {"promoted": 0, "skipped": 0, "failed": 1, "rolled_back": 1, "rejected": 3}
+
+
+class PipelineBusyError(RuntimeError):
+    """Another pipeline run holds this model's lock."""
+
+
+class StepRecord(BaseModel):
+    name: str
+    status: StepStatus = "running"
+    started_at: datetime
+    seconds: float | None = None
+    summary: str = ""
+
+
+class RunRecord(BaseModel):
+    schema_version: Literal[1] = 1
+    run_id: str
+    name: str
+    status: Status = "running"
+    reason: str = ""
+    exit_code: int | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict, description="data, holdout, config file, resolved config")
+    fingerprints: dict[str, str] = Field(default_factory=dict, description="data, holdout, config, run")
+    versions: dict[str, Any] = Field(default_factory=dict, description="aliases before and after, the candidate")
+    steps: list[StepRecord] = Field(default_factory=list)
+    validation: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, description="candidate and production on the held-out set")
+    gate: dict[str, Any] | None = None
+    deploy: dict[str, Any] | None = None
+    error: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per step, and total")
+
+
+def records_dir(repo_root: Path, name: str) -> Path:
+    return Path(repo_root) / RECORDS_DIR / name
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    import secrets
+
+    now = now or datetime.now(UTC)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+def write_record(repo_root: Path, record: RunRecord) -> Path:
+    path = records_dir(repo_root, record.name) / f"{record.run_id}.json"
+    atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def read_records(repo_root: Path, name: str | None = None) -> list[RunRecord]:
+    """Every readable record (of one model, or all), oldest first; unreadable files are logged, skipped."""
+    base = Path(repo_root) / RECORDS_DIR
+    if not base.is_dir():
+        return []
+    folders = [base / name] if name else sorted(p for p in base.iterdir() if p.is_dir())
+    out = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")):
+            try:
+                out.append(RunRecord.model_validate_json(path.read_text()))
+            except (OSError, ValidationError, json.JSONDecodeError) as exc:
+                log.warning("skipping unreadable run record %s: %s", path, exc)
+    return sorted(out, key=lambda r: r.started_at)
+
+
+@contextlib.contextmanager
+def run_lock(repo_root: Path, name: str) -> Iterator[None]:
+    folder = records_dir(repo_root, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineBusyError(f"another pipeline run for {name!r} is in progress ({folder / '.lock'})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
