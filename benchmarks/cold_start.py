@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from benchmarks.http_e2e import free_port, imgclf_serve, running
 from benchmarks.machine import RESULTS, machine_info, write_results
+from imgclf.devserver import running_server
 
 
 def main() -> None:
@@ -36,10 +34,9 @@ def main() -> None:
             from training.bootstrap import bootstrap
 
             bootstrap(ModelRepository(repo))
-        for _ in range(args.runs):
-            port = free_port()
-            with running(imgclf_serve(repo, port), {}, port) as ready_s, \
-                    httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        for i in range(args.runs):
+            with running_server(repo, Path(tmp) / f"home{i}") as srv:
+                client, ready_s = srv.client, srv.ready_s
                 start = time.perf_counter()
                 response = client.post("/classify", files={"image": ("chelsea.jpg", photo)})
                 first_ms = (time.perf_counter() - start) * 1000

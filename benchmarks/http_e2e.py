@@ -18,61 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from benchmarks.batch_throughput import ceiling, write_jpegs
 from benchmarks.loadgen import closed_loop, multipart_request, open_loop
 from benchmarks.machine import RESULTS, machine_info, write_results
+from imgclf.devserver import free_port, running_server
 
-ROOT = Path(__file__).resolve().parents[1]
 MIXED_SIZES = [(500, 375), (640, 480), (400, 300), (375, 500), (800, 600), (300, 400)]
 DEFAULT_VARIANTS = ["1 worker:IMGCLF_WORKERS=1", "2 workers x 1 thread:IMGCLF_WORKERS=2,IMGCLF_INTRA_OP_THREADS=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(command: list[str], env: dict[str, str], port: int, timeout: float = 180) -> Iterator[float]:
-    """Start a server, yield the seconds it took to answer /readyz with 200, stop it."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{command} exited with {proc.returncode}")
-                if time.perf_counter() - start > timeout:
-                    raise RuntimeError(f"{command} not ready after {timeout}s")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        yield time.perf_counter() - start
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
-
-
-def imgclf_serve(repo: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "imgclf.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -145,12 +102,11 @@ def main() -> None:
                     for p in files[kind]]
 
         for name, env in variants:
-            port = free_port()
             print(f"imgclf serve ({name})", flush=True)
-            with running(imgclf_serve(repo, port), env, port) as ready_s:
-                url = f"http://127.0.0.1:{port}"
+            with running_server(repo, tmp / "home", env) as srv:
+                url, port = srv.url, int(srv.url.rsplit(":", 1)[1])
                 results["imgclf"][name] = {
-                    "env": env, "ready_s": ready_s,
+                    "env": env, "ready_s": srv.ready_s,
                     "imagenet": load(url, payloads("imagenet", port), args.concurrency, args.seconds,
                                      args.open_fractions),
                     "photo12mp": load(url, payloads("photo12mp", port), args.photo_concurrency, args.seconds, []),
@@ -159,10 +115,10 @@ def main() -> None:
             port = free_port()
             print("naive baseline", flush=True)
             naive = [sys.executable, "-m", "benchmarks.naive_server", "--port", str(port)]
-            with running(naive, {}, port) as ready_s:
-                url = f"http://127.0.0.1:{port}"
+            with running_server(None, tmp / "naive", command=naive, port=port) as srv:
+                url = srv.url
                 results["naive"] = {
-                    "ready_s": ready_s,
+                    "ready_s": srv.ready_s,
                     "imagenet": load(url, payloads("imagenet", port), args.photo_concurrency, args.seconds, []),
                     "photo12mp": load(url, payloads("photo12mp", port), args.photo_concurrency, args.seconds, []),
                 }

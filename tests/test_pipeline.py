@@ -25,6 +25,7 @@ import pytest
 import yaml
 from conftest import ROOT, digit_images, write_image
 
+from imgclf.devserver import running_server
 from service.repository import MODEL_FILE, ModelRepository, ModelVersion
 from training.config import ConfigError
 from training.gate import decide
@@ -101,14 +102,6 @@ def step(result: PipelineResult, name: str) -> dict:
 # --- a live server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str
@@ -127,32 +120,8 @@ def live(seeded: tuple[Path, PipelineResult], tmp_path_factory: pytest.TempPathF
     """`imgclf serve` on a copy of the seeded repository, admin reload on."""
     home = tmp_path_factory.mktemp("live")
     repo = copy_of(seeded, home / "models")
-    port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "IMGCLF_ADMIN_TOKEN": TOKEN}
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgclf.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {(home / 'server.log').read_text()[-3000:]}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        yield Server(f"http://127.0.0.1:{port}", repo, client)
-    finally:
-        client.close()
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
+    with running_server(repo, home, {"IMGCLF_ADMIN_TOKEN": TOKEN}) as srv:
+        yield Server(srv.url, repo, srv.client)
 
 
 def imgclf(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:

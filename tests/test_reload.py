@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import images
 import numpy as np
-import psutil
 import pytest
-from conftest import ROOT
 
+from imgclf.devserver import LiveServer, running_server
 from service.manifest import Manifest
 from service.repository import MANIFEST, MODEL_FILE, ModelRepository
 
@@ -59,64 +54,11 @@ def copy_repo(source: Path, target: Path) -> ModelRepository:
     return ModelRepository(target)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    client: httpx.Client
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def rss(self) -> int:
-        """Resident memory of the whole server tree (the arbiter and its workers), in bytes."""
-        root = psutil.Process(self.proc.pid)
-        total = 0
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-
 @contextmanager
-def serve(repo: Path, home: Path, **env: str) -> Iterator[Server]:
-    port = free_port()
-    full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-                "IMGCLF_MAX_BATCH_SIZE": "8", **env}  # small warm-up: reloads stay quick
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgclf.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(home / 'server.log').read_text()[-3000:]}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"server not ready: {(home / 'server.log').read_text()[-3000:]}")
-        yield Server(client, proc, url, home / "server.log")
-    finally:
-        client.close()
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
+def serve(repo: Path, home: Path, **env: str) -> Iterator[LiveServer]:
+    with running_server(repo, home, {"IMGCLF_MAX_BATCH_SIZE": "8", **env},  # small warm-up: reloads stay quick
+                        client_timeout_s=60) as live:
+        yield live
 
 
 IMAGE = images.encode(images.photo((96, 72)).convert("RGB"), "JPEG", quality=90)
@@ -136,7 +78,7 @@ def reload(client: httpx.Client) -> httpx.Response:
     return client.post("/admin/reload", headers=AUTH)
 
 
-def switch_to(server: Server, repo: ModelRepository, version: int) -> dict:
+def switch_to(server: LiveServer, repo: ModelRepository, version: int) -> dict:
     repo.promote(NAME, version)
     response = reload(server.client)
     assert response.status_code == 200, response.text
@@ -155,7 +97,7 @@ def repo(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Model
 
 
 @pytest.fixture(scope="module")
-def server(repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with serve(repo.root, tmp_path_factory.mktemp("bentoml_home"), IMGCLF_ADMIN_TOKEN=TOKEN) as srv:
         yield srv
 
@@ -185,7 +127,7 @@ def test_admin_is_off_without_a_token() -> None:
             assert client.get("/ping").text == "pong"
 
 
-def test_token_is_required_and_checked(server: Server) -> None:
+def test_token_is_required_and_checked(server: LiveServer) -> None:
     client = server.client
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
                     {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer"}):
@@ -202,7 +144,7 @@ def test_token_is_required_and_checked(server: Server) -> None:
     assert TOKEN not in server.log.read_text()
 
 
-def test_reload_without_changes_is_a_no_op(server: Server) -> None:
+def test_reload_without_changes_is_a_no_op(server: LiveServer) -> None:
     response = reload(server.client)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -212,7 +154,7 @@ def test_reload_without_changes_is_a_no_op(server: Server) -> None:
 # --- swapping versions -----------------------------------------------------------------------------------
 
 
-def test_promoted_version_takes_over_under_traffic(server: Server, repo: ModelRepository) -> None:
+def test_promoted_version_takes_over_under_traffic(server: LiveServer, repo: ModelRepository) -> None:
     """Concurrent clients see 1 then 2, never a failure and never 1 again once they saw 2."""
     switch_to(server, repo, 1)
     stop = threading.Event()
@@ -254,7 +196,7 @@ def test_promoted_version_takes_over_under_traffic(server: Server, repo: ModelRe
     assert [(m["name"], m["version"]) for m in models] == [(NAME, 2)]
 
 
-def test_rollback_and_reload_serve_the_previous_version(server: Server, repo: ModelRepository) -> None:
+def test_rollback_and_reload_serve_the_previous_version(server: LiveServer, repo: ModelRepository) -> None:
     switch_to(server, repo, 1)
     switch_to(server, repo, 2)
     assert repo.rollback(NAME)["production"] == 1
@@ -264,7 +206,7 @@ def test_rollback_and_reload_serve_the_previous_version(server: Server, repo: Mo
     assert served_version(server.client) == 1
 
 
-def test_corrupt_version_is_refused_and_the_old_keeps_serving(server: Server, repo: ModelRepository) -> None:
+def test_corrupt_version_is_refused_and_the_old_keeps_serving(server: LiveServer, repo: ModelRepository) -> None:
     switch_to(server, repo, 1)
     bad = add_copy(repo)
     repo.promote(NAME, bad)  # verified here, then the disk changes under it
@@ -282,7 +224,7 @@ def test_corrupt_version_is_refused_and_the_old_keeps_serving(server: Server, re
         repo.promote(NAME, 1)
 
 
-def test_memory_stays_flat_over_twenty_reloads(server: Server, repo: ModelRepository) -> None:
+def test_memory_stays_flat_over_twenty_reloads(server: LiveServer, repo: ModelRepository) -> None:
     """Retired engines release their sessions: RSS after 20 alternating reloads is where it started."""
 
     def cycle(version: int) -> None:
