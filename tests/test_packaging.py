@@ -19,7 +19,8 @@ import yaml
 from conftest import ROOT
 from packaging.requirements import Requirement
 
-SERVING_PACKAGES = {"onnxruntime", "numpy", "pillow", "pydantic", "bentoml", "typer"}
+# rich and fsspec (batch jobs) come with bentoml anyway; listed because the service imports them
+SERVING_PACKAGES = {"onnxruntime", "numpy", "pillow", "pydantic", "bentoml", "typer", "rich", "fsspec"}
 FORBIDDEN_PACKAGES = {
     "torch", "torchvision", "timm", "onnx", "onnxscript", "scikit-learn", "matplotlib",
 }
@@ -62,6 +63,9 @@ def copy_project(dst: Path) -> Path:
     """The files a build reads, without the model repository (as in a fresh clone in CI)."""
     shutil.copytree(ROOT / "service", dst / "service", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "bentofile.yaml", dst / "bentofile.yaml")
+    setup_script = _bentofile()["docker"]["setup_script"]
+    (dst / setup_script).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / setup_script, dst / setup_script)
     return dst
 
 
@@ -190,8 +194,48 @@ def test_compose_cpu_service(compose: dict[str, Any]) -> None:
     repo = service["environment"]["IMGCLF_MODEL_REPO"]
     mounts = _volume_sources(service)
     assert ("./models", repo) in mounts
-    assert all(v.get("read_only") for v in service["volumes"] if isinstance(v, dict))
     _healthcheck_passes_readyz(service)
+
+
+STATE_DIR = "/var/lib/imgclf"  # made and owned by the image's user at build time: deploy/container_setup.sh
+
+
+@pytest.mark.parametrize("name", ["classifier", "classifier-gpu"])
+def test_compose_classifiers_are_locked_down(compose: dict[str, Any], name: str) -> None:
+    """Non-root, read-only root filesystem, no capabilities, no privilege escalation; the models mounted
+    read-only; the one writable volume holds BentoML's state and temporary uploads, and nothing else."""
+    service = compose["services"][name]
+    uid, _, gid = str(service["user"]).partition(":")
+    assert uid.isdigit() and int(uid) != 0 and gid.isdigit() and int(gid) != 0
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"] and not service.get("cap_add")
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert not service.get("privileged")
+    models = [v for v in service["volumes"] if v["target"] == service["environment"]["IMGCLF_MODEL_REPO"]]
+    assert len(models) == 1 and models[0]["read_only"] is True
+    writable = [v for v in service["volumes"] if not v.get("read_only")]
+    assert [(v["type"], v["target"]) for v in writable] == [("volume", STATE_DIR)]
+    assert writable[0]["source"] in compose["volumes"]
+    for variable in ("BENTOML_HOME", "TMPDIR"):  # everything BentoML writes goes to the volume
+        assert service["environment"][variable].startswith(STATE_DIR + "/"), variable
+    assert [t.split(":")[0] for t in service["tmpfs"]] == ["/tmp"]
+
+
+def test_bento_image_runs_as_a_non_root_user_that_owns_only_its_state(checkout_bento: Path) -> None:
+    """BentoML's generated Dockerfile ends as its `bentoml` user (uid 1034, the compose file's `user`);
+    the setup script runs before that, as root, and makes the state directory the compose file mounts."""
+    dockerfile = (checkout_bento / "env" / "docker" / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    uid = next(line.split("=")[1] for line in dockerfile if line.startswith("ARG BENTO_USER_UID="))
+    assert int(uid) != 0
+    runs_script = [i for i, line in enumerate(dockerfile) if line.startswith("RUN ") and "script__" in line]
+    last_user = max(i for i, line in enumerate(dockerfile) if line.startswith("USER "))
+    assert runs_script and runs_script[-1] < last_user
+    script = (ROOT / _bentofile()["docker"]["setup_script"]).read_text()
+    assert f"mkdir -p {STATE_DIR}/" in script and f"chown -R {users[-1]}:{users[-1]} {STATE_DIR}" in script
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["classifier"]["user"] == f"{uid}:{uid}"
 
 
 def test_compose_gpu_profile(compose: dict[str, Any]) -> None:

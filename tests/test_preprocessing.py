@@ -6,11 +6,17 @@ will not write) or real photos from scikit-image.
 
 from __future__ import annotations
 
+import resource
 import struct
+import sys
 import time
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +41,7 @@ from images import (
     webp_bomb,
     with_orientation,
 )
+from mutations import anatomy, mutated, real_seeds, sniff
 from PIL import Image, ImageFile
 
 from service.preprocessing import (
@@ -787,3 +794,80 @@ def test_fuzzed_files_return_a_tensor_or_an_image_input_error(data: bytes, grey:
 def test_seed_files_all_decode() -> None:
     for data in SEEDS:
         assert_contract(image_to_tensor(data, RGB01), RGB01)
+
+
+# --------------------------------------------------------------------------- structure-aware fuzzing
+
+STRUCTURED_SEEDS = real_seeds()
+STRUCTURED_CASES = 5000  # about 10 s on the 2-core machine
+CASE_SECONDS = 2.0
+
+
+@contextmanager
+def address_space_limit(headroom: int) -> Iterator[None]:
+    """Cap this process's address space at its current size plus ``headroom`` bytes (Linux only).
+
+    Pillow allocates pixels with malloc, which tracemalloc does not see; under
+    RLIMIT_AS an allocation that the decode limits failed to bound raises
+    MemoryError instead of quietly succeeding on a big machine.
+    """
+    status = Path("/proc/self/status")
+    if not sys.platform.startswith("linux") or not status.exists():
+        yield
+        return
+    vm_kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm_kib * 1024 + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (min(limit, hard) if hard != resource.RLIM_INFINITY else limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_seed_corpus_covers_every_format_and_is_read_structurally() -> None:
+    formats = Counter(sniff(data) for data in STRUCTURED_SEEDS.values())
+    assert set(formats) == set(SUPPORTED_FORMATS)
+    for name, data in STRUCTURED_SEEDS.items():
+        body = anatomy(data)
+        assert body.fields and body.chunks, name  # the mutator sees the file's structure
+        assert_contract(image_to_tensor(data, RGB01), RGB01)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore")  # Pillow reports damaged metadata through warnings
+def test_structured_fuzz_returns_a_tensor_or_an_image_input_error_in_bounded_time_and_memory() -> None:
+    """Thousands of real photos with damaged headers, chunks and fields: the contract of image_to_tensor.
+
+    Each case: a finite float32 tensor of the spec's shape or an ImageInputError with a 4xx status,
+    never another exception, under CASE_SECONDS, within 1 GiB more address space than before.
+    """
+    outcomes: Counter[str] = Counter()
+    slowest = (0.0, b"")
+
+    @settings(max_examples=STRUCTURED_CASES, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(data=mutated(list(STRUCTURED_SEEDS.values())), grey=st.booleans())
+    def case(data: bytes, grey: bool) -> None:
+        nonlocal slowest
+        spec = GREY01 if grey else RGB01
+        start = time.perf_counter()
+        try:
+            out = image_to_tensor(data, spec, FUZZ_LIMITS)
+        except ImageInputError as exc:
+            assert 400 <= exc.status_code < 500 and str(exc)
+            outcomes[exc.kind] += 1
+        else:
+            assert_contract(out, spec)
+            outcomes["tensor"] += 1
+        elapsed = time.perf_counter() - start
+        assert elapsed < CASE_SECONDS, f"{elapsed:.2f} s for {len(data)} bytes starting {data[:24]!r}"
+        slowest = max(slowest, (elapsed, data[:24]))
+
+    with address_space_limit(1 << 30):
+        case()
+    # Not degenerate: many mutants still decode (damage reached the pixels) and many are refused.
+    total = sum(outcomes.values())
+    assert total >= STRUCTURED_CASES * 0.9, outcomes
+    assert outcomes["tensor"] > total * 0.1 and outcomes["invalid_image"] > total * 0.1, outcomes
+    print(f"outcomes: {dict(outcomes)}; slowest case {slowest[0] * 1000:.0f} ms")

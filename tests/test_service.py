@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,13 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
+from imgclf.devserver import running_server
 from service.engine import create_session, run_logits, softmax
 from service.repository import ModelRepository
 
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 MAX_UPLOAD = 2 * 1024 * 1024
 MAX_BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,36 +36,9 @@ def repo_dir(imagenet_repo: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    port = free_port()
-    home = tmp_path_factory.mktemp("bentoml_home")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-           "IMGCLF_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "IMGCLF_MAX_BATCH_IMAGES": str(MAX_BATCH)}
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgclf.cli", "serve", "--repo", str(repo_dir), "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(home / 'server.log').read_text()[-3000:]}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"server not ready: {(home / 'server.log').read_text()[-3000:]}")
-        yield client
-    finally:
-        client.close()
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
+    env = {"IMGCLF_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "IMGCLF_MAX_BATCH_IMAGES": str(MAX_BATCH)}
+    with running_server(repo_dir, tmp_path_factory.mktemp("bentoml_home"), env) as live:
+        yield live.client
 
 
 def jpeg(img: Image.Image, **kwargs: object) -> bytes:
