@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from contextlib import AbstractContextManager
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from bentoml.validators import ContentType
+from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse
 
 from service.admin import AdminRoute, reload_response
+from service.admission import Admission
 from service.archive import ArchiveLimits, check_archive, score_archive
 from service.batch.output import record
 from service.batch.scoring import Scorer
 from service.catalog import Catalog, LiveCatalog, UnknownModelError
-from service.engine import ModelEngine, top_k
+from service.engine import ModelEngine, limit_malloc_arenas, top_k
 from service.http_guard import ASGIApp, Receive, RequestGuard, Scope, Send, UploadRoute
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
 from service.schemas import (
@@ -61,9 +64,9 @@ class ClientError(BentoMLException):
 
     def __init__(self, status: int, kind: str, message: str) -> None:
         self.error_code = HTTPStatus(status)
-        self.kind, self.message = kind, message
         count_error(kind)
-        super().__init__(json.dumps({"kind": kind, "message": message}))
+        super().__init__(json.dumps({"kind": kind, "message": message}))  # what BentoML renders (str(exc))
+        self.kind, self.message = kind, message  # after: BentoMLException sets .message to its argument
 
 
 def _observe_batch(engine: ModelEngine, size: int, seconds: float) -> None:
@@ -100,12 +103,15 @@ class ModelsRoute:
 
 @bentoml.service(
     workers=settings.workers,
-    traffic={"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency},
+    # BentoML divides max_concurrency among the workers; IMGCLF_MAX_CONCURRENCY is per worker
+    traffic={"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency * settings.workers},
 )
 class Classifier:
     """Image classification with the models of the repository (GET /models lists them)."""
 
     def __init__(self) -> None:
+        if "MALLOC_ARENA_MAX" not in os.environ:  # an explicit glibc setting wins
+            limit_malloc_arenas()  # RSS stays flat across reloads under traffic (see the function)
         self.settings = settings
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
         self.live = LiveCatalog(settings, Catalog.load(settings), on_swap=_on_swap)
@@ -235,11 +241,48 @@ class Classifier:
                 raise ClientError(exc.status_code, exc.kind, str(exc)) from exc
 
 
+def _form_value(text: str | None) -> object:
+    """A multipart text field as BentoML reads it: JSON if it parses, else the string."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+_TOP_K, _MODEL = TypeAdapter(int), TypeAdapter(str | None)
+
+
+def check_job_fields(fields: dict[str, str]) -> tuple[int, str, str] | None:
+    """``top_k`` and ``model`` of a /batch/submit, checked before the job is queued (BentoML validates a
+    task's inputs only when it runs): a bad one is a 4xx now, not a failed job after a 200."""
+    values: dict[str, object] = {}
+    for name, adapter, default in (("top_k", _TOP_K, "5"), ("model", _MODEL, None)):
+        try:  # as BentoML validates them: the same 400 message as /classify gives
+            values[name] = adapter.validate_python(_form_value(fields.get(name, default)))
+        except ValidationError as exc:
+            return 400, "invalid_request", f"{name}: {exc.errors()[0]['msg']}"
+    top_k, model = cast(int, values["top_k"]), cast("str | None", values["model"])
+    try:  # the same answers as _engine and _check_top_k give inside the job (the guard counts the refusal)
+        engine = bentoml.get_current_service().catalog.get(model)
+    except UnknownModelError as exc:
+        return 404, "unknown_model", str(exc)
+    except ValueError as exc:
+        return 400, "invalid_model", str(exc)
+    labels = len(engine.manifest.labels)
+    if not 1 <= top_k <= labels:
+        return 400, "invalid_top_k", f"top_k must be between 1 and {labels}, got {top_k}"
+    return None
+
+
 def archive_limits(settings: Settings) -> ArchiveLimits:
     return ArchiveLimits(max_entries=settings.max_archive_entries, max_total_bytes=settings.max_archive_expanded_bytes,
                          max_entry_bytes=settings.max_upload_bytes, max_ratio=settings.max_archive_ratio)
 
 
+Classifier.add_asgi_middleware(Admission, routes=("/classify", "/classify_batch"), max_queue=settings.max_queue,
+                                latency_budget_ms=settings.latency_budget_ms, on_error=count_error)  # first: before any body is read
 Classifier.add_asgi_middleware(ModelsRoute)
 Classifier.add_asgi_middleware(AdminRoute, token=settings.admin_token, on_error=count_error)
 Classifier.add_asgi_middleware(
@@ -248,7 +291,7 @@ Classifier.add_asgi_middleware(
     routes={
         "/classify": UploadRoute("image", settings.max_upload_bytes + 64 * 1024, 1),
         "/classify_batch": UploadRoute("images", settings.max_request_bytes, settings.max_batch_images),
-        **{route: UploadRoute("archive", settings.max_archive_bytes, 1,
+        **{route: UploadRoute("archive", settings.max_archive_bytes, 1, check_fields=check_job_fields,
                               check=partial(check_archive, limits=archive_limits(settings)))
            for route in ("/batch", "/batch/submit")},
     },

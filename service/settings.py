@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 MULTI_WORKER_POLL_SECONDS = 2.0
 
@@ -28,7 +28,12 @@ class Settings(BaseModel):
     max_batch_images: int = Field(default=32, ge=1, description="images per /classify_batch request")
     max_batch_size: int = Field(default=32, ge=1, description="images per ONNX Runtime call")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="how long a batch waits for more images")
-    max_concurrency: int = Field(default=64, ge=1, description="requests in flight per worker before 429")
+    max_concurrency: int = Field(default=64, ge=1, description="requests in flight per worker, all routes but "
+                                 "health and metrics, before BentoML's bare 429 (a backstop above IMGCLF_MAX_QUEUE)")
+    max_queue: int = Field(default=32, ge=1, description="/classify and /classify_batch requests in flight per "
+                           "worker; more get 503 with Retry-After at once (service/admission.py)")
+    latency_budget_ms: float = Field(default=1000.0, ge=0, description="refuse (503, Retry-After) a request whose "
+                                     "estimated latency, in flight x measured service time, is over this; 0: off")
     timeout_s: float = Field(default=30.0, gt=0, description="request timeout (504 past it)")
     max_archive_bytes: int = Field(default=256 * 1024 * 1024, gt=0, description="largest /batch/submit upload")
     max_archive_entries: int = Field(default=10_000, gt=0, description="files in one /batch/submit archive")
@@ -52,6 +57,15 @@ class Settings(BaseModel):
     @classmethod
     def _blank_is_off(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _queue_below_backstop(self) -> Settings:
+        """Overload must meet admission control (503 + Retry-After), not BentoML's 429 that also locks out
+        /admin/reload and /models: leave BentoML's limit headroom above the queue."""
+        if self.max_queue >= self.max_concurrency:
+            raise ValueError(f"IMGCLF_MAX_QUEUE ({self.max_queue}) must be below IMGCLF_MAX_CONCURRENCY "
+                             f"({self.max_concurrency})")
+        return self
 
     @property
     def watch_seconds(self) -> float:
