@@ -15,7 +15,7 @@ Memory: a LeNet-5 on digits (cheap inference, so the job is dominated by listing
 writing) over 10,000 and 100,000 small PNG files in directories of 1,000; the peak of the summed
 resident memory of the job and its workers, sampled every 20 ms.
 
-    python -m benchmarks.batch_throughput [--repo DIR] [--imagenet-inputs 3000] [--photo-inputs 600]
+    python -m benchmarks.batch_throughput [--repo DIR] [--imagenet-inputs 3000] [--photo-inputs 1200]
                                           [--memory-inputs 10000 100000] [--rounds 3]
 """
 
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=200, help="distinct ImageNet-sized files")
     parser.add_argument("--imagenet-inputs", type=int, default=3000)
     parser.add_argument("--distinct-photos", type=int, default=24, help="distinct 12-megapixel files")
-    parser.add_argument("--photo-inputs", type=int, default=600)
+    parser.add_argument("--photo-inputs", type=int, default=1200)
     parser.add_argument("--megapixels", type=float, default=12.0)
     parser.add_argument("--memory-inputs", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each job; the median is reported")

@@ -53,32 +53,39 @@ class Outcome:
 
 
 class Connection:
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    """One keep-alive connection; reopened after the server closes it."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, payload: bytes) -> tuple[int, bytes]:
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        self.writer.write(payload)
+        self.writer.write(raw)
         await self.writer.drain()
-        status_line = await self.reader.readline()
-        if not status_line:
+        line = await self.reader.readline()
+        if not line:
             raise ConnectionError("server closed the connection")
-        status = int(status_line.split()[1])
-        length, close = 0, False
+        status = int(line.split()[1])
+        headers: dict[str, str] = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-            elif name.lower() == "connection" and "close" in value.lower():
-                close = True
-        body = await self.reader.readexactly(length)
-        if close:
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int((await self.reader.readline()).strip(), 16)) > 0:
+                body += await self.reader.readexactly(size)
+                await self.reader.readline()
+            await self.reader.readline()
+        else:
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        if "close" in headers.get("connection", "").lower():
             await self.close()
-        return status, body
+        return status, headers, body
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -93,18 +100,17 @@ class Connection:
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds: float,
                       warmup_s: float = 1.0) -> dict[str, Any]:
     """``concurrency`` clients, each sending its next request when the last answered."""
-    parts = urlsplit(url)
     outcome = Outcome()
     rotation = itertools.cycle(range(len(payloads)))
     measuring_from = time.perf_counter() + warmup_s
     stop_at = measuring_from + seconds
 
     async def client() -> None:
-        conn = Connection(parts.hostname or "127.0.0.1", parts.port or 80)
+        conn = Connection(url)
         while (now := time.perf_counter()) < stop_at:
             payload = payloads[next(rotation)]
             try:
-                status, _body = await conn.request(payload)
+                status, _, _ = await conn.request(payload)
             except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
                 await conn.close()
                 if now >= measuring_from:
@@ -121,18 +127,17 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds
 async def open_loop(url: str, payloads: list[bytes], rate: float, seconds: float, max_connections: int = 256,
                     seed: int = 0) -> dict[str, Any]:
     """Requests arrive at ``rate`` per second (Poisson), whether or not earlier ones were answered."""
-    parts = urlsplit(url)
     outcome = Outcome()
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(max_connections):
-        pool.put_nowait(Connection(parts.hostname or "127.0.0.1", parts.port or 80))
+        pool.put_nowait(Connection(url))
     rng = random.Random(seed)
     tasks = []
 
     async def one(due: float, payload: bytes) -> None:
         conn = await pool.get()
         try:
-            status, _ = await conn.request(payload)
+            status, _, _ = await conn.request(payload)
             outcome.record(status, (time.perf_counter() - due) * 1000)
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
             await conn.close()

@@ -29,73 +29,19 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from benchmarks.loadgen import Connection, multipart_request
 from benchmarks.machine import RESULTS, machine_info, write_results
 from imgclf.devserver import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUNDARY = "imgclf-overload"
 HEALTH = ("/livez", "/readyz", "/metrics")
 
 
 # --- a cheap HTTP client that keeps the headers -----------------------------------------------------------
 
 
-def multipart(host: str, path: str, field_name: str, data: bytes, filename: str = "image.jpg") -> bytes:
-    """A whole POST request, encoded once and sent many times."""
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field_name}\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
-
-
 def get_request(host: str, path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-
-
-class Connection:
-    """One keep-alive connection; reopened after the server closes it."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self.writer.write(raw)
-        await self.writer.drain()
-        line = await self.reader.readline()
-        if not line:
-            raise ConnectionError("server closed the connection")
-        status = int(line.split()[1])
-        headers: dict[str, str] = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = b""
-            while (size := int((await self.reader.readline()).strip(), 16)) > 0:
-                body += await self.reader.readexactly(size)
-                await self.reader.readline()
-            await self.reader.readline()
-        else:
-            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        if "close" in headers.get("connection", "").lower():
-            await self.close()
-        return status, headers, body
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except OSError:
-                pass
-            self.writer = None
 
 
 # --- load ---------------------------------------------------------------------------------------------------
@@ -240,7 +186,7 @@ def metric_total(text: str, prefix: str) -> float:
 def overload_run(url: str, image: bytes, *, factor: float = 4.0, seconds: float = 10.0, baseline_s: float = 4.0,
                  capacity_concurrency: int = 4, settle_s: float = 1.0) -> dict[str, Any]:
     """The four phases against a running server; the figures of each, and the refusals the metrics counted."""
-    raw = multipart(urlsplit(url).netloc, "/classify", "image", image)
+    raw = multipart_request(urlsplit(url).netloc, "/classify", "image", "image.jpg", image)
     overloaded = 'imgclf_errors_total{kind="overloaded"'
     before = metric_total(httpx.get(f"{url}/metrics", timeout=10).text, overloaded)
     asyncio.run(closed_loop(url, raw, 1, 1.0))  # warm: connections, caches, the service-time estimate

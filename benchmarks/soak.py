@@ -35,8 +35,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from benchmarks.loadgen import BOUNDARY, Connection
 from benchmarks.machine import RESULTS, machine_info, write_results
-from benchmarks.overload import BOUNDARY, Connection, pct
+from benchmarks.overload import pct
 from imgclf.devserver import running_server
 
 log = logging.getLogger("soak")

@@ -315,7 +315,8 @@ def batch(
     out: Annotated[Path, typer.Option("--out", help="output file; appears only when complete")],
     fmt: Annotated[str | None, typer.Option("--format", help="csv, jsonl or parquet (default: from --out)")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per ONNX Runtime call")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per ONNX Runtime call and per "
+                                            "task of a worker (raise it on GPUs)")] = 8,
     workers: Annotated[int, typer.Option("--workers", min=0, help="parallel workers (0: one per core)")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="rows written durably together")] = 512,
     ordered: Annotated[bool, typer.Option("--ordered", help="rows in input order (else as chunks finish)")] = False,

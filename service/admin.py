@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
 from service.catalog import Catalog, Change, ReloadRefusedError
-from service.http_guard import ASGIApp, Receive, Scope, Send, respond
+from service.http_guard import ASGIApp, Receive, Scope, Send, refuse
 from service.schemas import ReloadResponse, ServedModel, VersionChange
 
 log = logging.getLogger(__name__)
@@ -58,39 +58,34 @@ class AdminRoute:
         self._token = token.get_secret_value().encode() if token is not None else None
         self.on_error = on_error  # told the kind of every refusal, for metrics
 
-    async def _refuse(self, send: Send, status: int, kind: str, message: str, headers: list | None = None) -> None:
-        if self.on_error is not None:
-            self.on_error(kind)
-        await respond(send, status, kind, message, headers)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         if path != PREFIX and not path.startswith(PREFIX + "/"):
             await self.app(scope, receive, send)
             return
         if self._token is None:
-            await self._refuse(send, 404, "not_found", "admin endpoints are off: set IMGCLF_ADMIN_TOKEN to enable them")
+            await refuse(send, self.on_error, 404, "not_found", "admin endpoints are off: set IMGCLF_ADMIN_TOKEN to enable them")
             return
         given = bearer_token(scope)
         if given is None:
-            await self._refuse(send, 401, "unauthorized", "send Authorization: Bearer <IMGCLF_ADMIN_TOKEN>",
+            await refuse(send, self.on_error, 401, "unauthorized", "send Authorization: Bearer <IMGCLF_ADMIN_TOKEN>",
                                [(b"www-authenticate", CHALLENGE)])
             return
         if not hmac.compare_digest(given, self._token):
-            await self._refuse(send, 401, "unauthorized", "wrong admin token",
+            await refuse(send, self.on_error, 401, "unauthorized", "wrong admin token",
                                [(b"www-authenticate", CHALLENGE + b', error="invalid_token"')])
             return
         if path.rstrip("/") != RELOAD:
-            await self._refuse(send, 404, "not_found", f"no admin endpoint {path}; there is POST {RELOAD}")
+            await refuse(send, self.on_error, 404, "not_found", f"no admin endpoint {path}; there is POST {RELOAD}")
             return
         if scope["method"] != "POST":
-            await self._refuse(send, 405, "method_not_allowed", f"use POST {RELOAD}", [(b"allow", b"POST")])
+            await refuse(send, self.on_error, 405, "method_not_allowed", f"use POST {RELOAD}", [(b"allow", b"POST")])
             return
         try:
             result = await bentoml.get_current_service().reload()
         except ReloadRefusedError as exc:
             log.warning("admin reload refused: %s", exc)
-            await self._refuse(send, 409, "reload_refused", str(exc))
+            await refuse(send, self.on_error, 409, "reload_refused", str(exc))
             return
         response = JSONResponse(result.model_dump(mode="json", by_alias=True))
         await response(scope, receive, send)

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from service.http_guard import ASGIApp, Receive, Scope, Send, respond
+from service.http_guard import ASGIApp, Receive, Scope, Send, refuse
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,8 @@ class Admission:
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:  # logged, but not once per request in a flood
                 log.warning("overloaded, refusing (%d so far): %s", self.refused, why)
-            if self.on_error is not None:
-                self.on_error(OVERLOADED)
-            await respond(send, 503, OVERLOADED, f"server overloaded: {why}; retry after {retry_after} s",
-                          [(b"retry-after", str(retry_after).encode())])
+            await refuse(send, self.on_error, 503, OVERLOADED, f"server overloaded: {why}; retry after {retry_after} s",
+                         [(b"retry-after", str(retry_after).encode())])
             return
         self.load.started()
         try:

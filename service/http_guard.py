@@ -79,6 +79,16 @@ async def respond(send: Send, status: int, kind: str, message: str, headers: lis
     await send({"type": "http.response.body", "body": body})
 
 
+async def refuse(
+    send: Send, on_error: Callable[[str], None] | None, status: int, kind: str, message: str,
+    headers: list | None = None,
+) -> None:
+    """Answer an error and tell ``on_error`` its kind (for the errors metric)."""
+    if on_error is not None:
+        on_error(kind)
+    await respond(send, status, kind, message, headers)
+
+
 class RequestGuard:
     def __init__(
         self, app: ASGIApp, routes: dict[str, UploadRoute], on_error: Callable[[str], None] | None = None
@@ -86,11 +96,6 @@ class RequestGuard:
         self.app = app
         self.routes = routes
         self.on_error = on_error  # told the kind of every refusal, for metrics
-
-    async def _refuse(self, send: Send, status: int, kind: str, message: str, headers: list | None = None) -> None:
-        if self.on_error is not None:
-            self.on_error(kind)
-        await respond(send, status, kind, message, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +110,7 @@ class RequestGuard:
             return
         problem, rebuilt = await self._check_form(scope, body, route)
         if problem is not None:
-            await self._refuse(send, *problem)
+            await refuse(send, self.on_error, *problem)
             return
         if rebuilt is not None:
             body, content_type = rebuilt
@@ -129,7 +134,7 @@ class RequestGuard:
         declared = headers.get(b"content-length")
         too_big = f"request body is larger than {route.max_body} bytes"
         if declared is not None and declared.isdigit() and int(declared) > route.max_body:
-            await self._refuse(send, 413, "request_too_large", too_big, [(b"connection", b"close")])
+            await refuse(send, self.on_error, 413, "request_too_large", too_big, [(b"connection", b"close")])
             return None
         chunks, size = [], 0
         while True:
@@ -139,7 +144,7 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > route.max_body:
-                await self._refuse(send, 413, "request_too_large", too_big, [(b"connection", b"close")])
+                await refuse(send, self.on_error, 413, "request_too_large", too_big, [(b"connection", b"close")])
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

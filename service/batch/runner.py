@@ -57,7 +57,8 @@ class BatchOptions(BaseModel):
     out: Path
     format: OutputFormat | None = Field(default=None, description="default: from the output's suffix, else jsonl")
     top_k: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=32, ge=1, description="images per ONNX Runtime call")
+    batch_size: int = Field(default=8, ge=1, description="images per ONNX Runtime call and per worker task; "
+                            "single-threaded CPU sessions are fastest at 1-8 (benchmarks/NOTES.md), GPUs want more")
     workers: int = Field(default=0, ge=0, description="parallel workers; 0: one per usable core")
     chunk_size: int = Field(default=512, ge=1, description="rows written and journalled together")
     ordered: bool = Field(default=False, description="write rows in input order (else as chunks finish)")
