@@ -20,6 +20,7 @@ import asyncio
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,17 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def load(url: str, payloads: list[bytes], concurrencies: list[int], seconds: float,
-         open_fractions: list[float]) -> dict[str, Any]:
+         open_fractions: list[float], settle_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"closed": {}, "open": {}}
     for c in concurrencies:
+        time.sleep(settle_s)  # let the previous phase's backlog drain before measuring the next
         out["closed"][str(c)] = asyncio.run(closed_loop(url, payloads, c, seconds))
         print(f"  closed c={c}: {fmt(out['closed'][str(c)])}", flush=True)
     if open_fractions and out["closed"]:
         capacity = max(r["throughput_rps"] for r in out["closed"].values())
         for fraction in open_fractions:
             rate = fraction * capacity
+            time.sleep(settle_s)
             out["open"][f"{fraction:g}"] = asyncio.run(open_loop(url, payloads, rate, seconds))
             print(f"  open {rate:.0f}/s: {fmt(out['open'][f'{fraction:g}'])}", flush=True)
     return out
@@ -55,7 +58,7 @@ def load(url: str, payloads: list[bytes], concurrencies: list[int], seconds: flo
 def fmt(r: dict[str, Any]) -> str:
     p = lambda v: f"{v:.0f}" if v is not None else "-"
     return (f"{r['throughput_rps']:.1f} req/s, p50 {p(r['p50_ms'])} p95 {p(r['p95_ms'])} p99 {p(r['p99_ms'])} ms, "
-            f"{r['errors']} errors")
+            f"{r['errors']} errors, {r['refused']} refused (503 + Retry-After)")
 
 
 def main() -> None:
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=24, help="distinct JPEGs of each kind")
     parser.add_argument("--megapixels", type=float, default=12.0)
     parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each phase (backlogs drain)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,8 +112,8 @@ def main() -> None:
                 results["imgclf"][name] = {
                     "env": env, "ready_s": srv.ready_s,
                     "imagenet": load(url, payloads("imagenet", port), args.concurrency, args.seconds,
-                                     args.open_fractions),
-                    "photo12mp": load(url, payloads("photo12mp", port), args.photo_concurrency, args.seconds, []),
+                                     args.open_fractions, args.settle),
+                    "photo12mp": load(url, payloads("photo12mp", port), args.photo_concurrency, args.seconds, [], args.settle),
                 }
         if args.naive:
             port = free_port()
@@ -119,8 +123,8 @@ def main() -> None:
                 url = srv.url
                 results["naive"] = {
                     "ready_s": srv.ready_s,
-                    "imagenet": load(url, payloads("imagenet", port), args.photo_concurrency, args.seconds, []),
-                    "photo12mp": load(url, payloads("photo12mp", port), args.photo_concurrency, args.seconds, []),
+                    "imagenet": load(url, payloads("imagenet", port), args.photo_concurrency, args.seconds, [], args.settle),
+                    "photo12mp": load(url, payloads("photo12mp", port), args.photo_concurrency, args.seconds, [], args.settle),
                 }
     results["machine"] = machine_info(("onnxruntime", "torch", "bentoml", "pillow", "numpy"))
     results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -167,7 +171,8 @@ def markdown(r: dict[str, Any]) -> str:
     for kind, c in r["ceiling"].items():
         lines.append(f"| {kind} | {c['ceiling_images_per_s']:.1f} | {c['decode_core_ms']:.2f} | "
                      f"{c['inference_core_ms'][c['best_batch']]:.2f} (batch {c['best_batch']}) |")
-    lines += ["", "| server | input | load | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| server | input | load | req/s | p50 ms | p95 ms | p99 ms | errors | refused (503) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     servers = [(f"imgclf ({n})", v) for n, v in r["imgclf"].items()] + ([("naive", r["naive"])] if r["naive"] else [])
     for server, v in servers:
         for kind in ("imagenet", "photo12mp"):
@@ -176,7 +181,7 @@ def markdown(r: dict[str, Any]) -> str:
                     load_text = f"c={key}" if mode == "closed" else f"open {x['rate_rps']:.0f}/s"
                     p = lambda val: f"{val:.0f}" if val is not None else "-"
                     lines.append(f"| {server} | {kind} | {load_text} | {x['throughput_rps']:.1f} | {p(x['p50_ms'])} | "
-                                 f"{p(x['p95_ms'])} | {p(x['p99_ms'])} | {x['errors']} |")
+                                 f"{p(x['p95_ms'])} | {p(x['p99_ms'])} | {x['errors']} | {x['refused']} |")
     lines += ["", "Ready after start: " + ", ".join(f"{s} {v['ready_s']:.1f} s" for s, v in servers), "",
               "| target | measured | goal |", "|---|---|---|"]
     for key, t in r["targets"].items():

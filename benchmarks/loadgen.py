@@ -45,8 +45,10 @@ class Outcome:
         def pct(p: float) -> float | None:
             return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))] if lat else None
 
-        errors = sum(n for s, n in self.statuses.items() if not 200 <= s < 300) + self.transport_errors
-        return {"ok": len(lat), "errors": errors, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+        refused = self.statuses.get(503, 0) + self.statuses.get(429, 0)  # overload answers, by design
+        errors = sum(n for s, n in self.statuses.items() if not 200 <= s < 300) + self.transport_errors - refused
+        return {"ok": len(lat), "errors": errors, "refused": refused,
+                "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
                 "transport_errors": self.transport_errors, "wall_s": wall_s, "throughput_rps": len(lat) / wall_s,
                 "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
                 "mean_ms": statistics.fmean(lat) if lat else None}
@@ -62,13 +64,20 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.writer.is_closing():
+        reused = self.writer is not None and not self.writer.is_closing()
+        if not reused:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        self.writer.write(raw)
-        await self.writer.drain()
-        line = await self.reader.readline()
+        assert self.reader is not None and self.writer is not None
+        try:
+            self.writer.write(raw)
+            await self.writer.drain()
+            line = await self.reader.readline()
+        except (ConnectionError, OSError):
+            line = b""
         if not line:
+            await self.close()
+            if reused:  # the server closed an idle keep-alive connection: reconnect once, like HTTP clients do
+                return await self.request(raw)
             raise ConnectionError("server closed the connection")
         status = int(line.split()[1])
         headers: dict[str, str] = {}
@@ -99,7 +108,8 @@ class Connection:
 
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds: float,
                       warmup_s: float = 1.0) -> dict[str, Any]:
-    """``concurrency`` clients, each sending its next request when the last answered."""
+    """``concurrency`` clients, each sending its next request when the last answered, or after the
+    ``Retry-After`` of a 503/429 (as a well-behaved client does)."""
     outcome = Outcome()
     rotation = itertools.cycle(range(len(payloads)))
     measuring_from = time.perf_counter() + warmup_s
@@ -110,7 +120,7 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds
         while (now := time.perf_counter()) < stop_at:
             payload = payloads[next(rotation)]
             try:
-                status, _, _ = await conn.request(payload)
+                status, headers, _ = await conn.request(payload)
             except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
                 await conn.close()
                 if now >= measuring_from:
@@ -118,6 +128,9 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds
                 continue
             if now >= measuring_from:
                 outcome.record(status, (time.perf_counter() - now) * 1000)
+            if status in (429, 503):
+                retry_after = float(headers.get("retry-after", "1") or 1)
+                await asyncio.sleep(min(retry_after, max(0.0, stop_at - time.perf_counter())))
         await conn.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -128,7 +141,7 @@ async def open_loop(url: str, payloads: list[bytes], rate: float, seconds: float
                     seed: int = 0) -> dict[str, Any]:
     """Requests arrive at ``rate`` per second (Poisson), whether or not earlier ones were answered."""
     outcome = Outcome()
-    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    pool: asyncio.LifoQueue[Connection] = asyncio.LifoQueue()  # reuse the warmest connections first
     for _ in range(max_connections):
         pool.put_nowait(Connection(url))
     rng = random.Random(seed)

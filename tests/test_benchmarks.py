@@ -85,7 +85,7 @@ def test_preprocess_cost_benchmark_runs(tmp_path: Path) -> None:
 def test_http_e2e_and_cold_start_benchmarks_run(tmp_path: Path, imagenet_repo: Path) -> None:
     result = _bench("benchmarks.http_e2e", "--repo", str(imagenet_repo), "--seconds", "0.5", "--concurrency", "2",
                     "--photo-concurrency", "2", "--open-fractions", "0.5", "--distinct", "6", "--megapixels", "1",
-                    "--variant", "1 worker:IMGCLF_WORKERS=1", "--out", str(tmp_path))
+                    "--variant", "1 worker:IMGCLF_WORKERS=1", "--settle", "0", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "http_e2e.json").read_text())
     ours = payload["imgclf"]["1 worker"]["imagenet"]
