@@ -37,7 +37,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks.machine import RESULTS, machine_info, write_results
+from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZES = (1, 8, 32, 64)
@@ -171,11 +171,7 @@ def main() -> None:
     results: dict[str, Any] = {"cores": cores, "throughput": {}, "memory": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        repo_root = args.repo or tmp / "models"
-        if args.repo is None:
-            from training.bootstrap import bootstrap
-
-            bootstrap(ModelRepository(repo_root))
+        repo_root = imagenet_repository(args.repo, tmp)
         version = ModelRepository(repo_root).get("imagenet-lite0")
         photos = real_photos()
         sets = {

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import RESULTS, machine_info, write_results
+from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
 from imgclf.devserver import running_server
 
 
@@ -23,17 +23,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from service.repository import ModelRepository
     from training.sample_images import real_photos
 
     photo = real_photos()["chelsea"]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        repo = args.repo or Path(tmp) / "models"
-        if args.repo is None:
-            from training.bootstrap import bootstrap
-
-            bootstrap(ModelRepository(repo))
+        repo = imagenet_repository(args.repo, Path(tmp))
         for i in range(args.runs):
             with running_server(repo, Path(tmp) / f"home{i}") as srv:
                 client, ready_s = srv.client, srv.ready_s

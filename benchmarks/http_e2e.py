@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks.batch_throughput import ceiling, write_jpegs
 from benchmarks.loadgen import closed_loop, multipart_request, open_loop
-from benchmarks.machine import RESULTS, machine_info, write_results
+from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
 from imgclf.devserver import free_port, running_server
 
 MIXED_SIZES = [(500, 375), (640, 480), (400, 300), (375, 500), (800, 600), (300, 400)]
@@ -86,11 +86,7 @@ def main() -> None:
     results: dict[str, Any] = {"cores": cores, "ceiling": {}, "imgclf": {}, "naive": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        repo = args.repo or tmp / "models"
-        if args.repo is None:
-            from training.bootstrap import bootstrap
-
-            bootstrap(ModelRepository(repo))
+        repo = imagenet_repository(args.repo, tmp)
         version = ModelRepository(repo).get("imagenet-lite0")
         photos = real_photos()
         files = {"imagenet": [p for i, size in enumerate(MIXED_SIZES)

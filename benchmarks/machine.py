@@ -50,3 +50,15 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Pa
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
     atomic_write_text(md_path, markdown)
     return json_path, md_path
+
+
+def imagenet_repository(given: Path | None, tmp: Path) -> Path:
+    """``given``, or a new repository under ``tmp`` holding the bootstrapped imagenet-lite0."""
+    if given is not None:
+        return given
+    from service.repository import ModelRepository
+    from training.bootstrap import bootstrap
+
+    root = tmp / "models"
+    bootstrap(ModelRepository(root))
+    return root

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from benchmarks.loadgen import Connection, multipart_request
-from benchmarks.machine import RESULTS, machine_info, write_results
+from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
 from imgclf.devserver import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,13 +266,7 @@ def measure_own_server(args: argparse.Namespace, image: bytes) -> tuple[dict[str
     import psutil
 
     with tempfile.TemporaryDirectory() as tmp:
-        repo = args.repo
-        if repo is None:
-            from service.repository import ModelRepository
-            from training.bootstrap import bootstrap
-
-            repo = Path(tmp) / "models"
-            bootstrap(ModelRepository(repo))
+        repo = imagenet_repository(args.repo, Path(tmp))
         env = {"IMGCLF_MAX_QUEUE": str(args.max_queue), "IMGCLF_LATENCY_BUDGET_MS": str(args.latency_budget_ms),
                "IMGCLF_WORKERS": str(args.workers)}
         with running_server(repo, Path(tmp) / "home", env) as server:
