@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.preprocessing import PreprocessSpec
+from service.preprocessing.spec import PreprocessSpec
 
-SCHEMA_VERSION = 1
+#: 2 adds optional fields (explanations, selective prediction, drift reference); version 1 files still load.
+SCHEMA_VERSION = 2
 NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -70,17 +71,38 @@ class TrainingProvenance(_Strict):
     training_report: dict[str, Any] | None = Field(default=None, description="top1/top5/ECE as training saw them")
 
 
+class ParityCheck(_Strict):
+    """ONNX Runtime against PyTorch at export: on which images, within which limit, how close."""
+
+    images: int = Field(ge=0, description="real images compared, through the shared preprocessing")
+    image_sources: dict[str, int] = Field(
+        default_factory=dict, description="how many came from each split: validation, then training or held-out "
+        "when the validation split is too small")
+    images_sha256: str | None = Field(default=None, description="sha256 over each checked image's sha256, in order")
+    batch_sizes: list[int]
+    rtol: float = Field(description="the limit is rtol * max(1, max |logit|)")
+    tolerance: float = Field(description="the resulting limit on max |logit diff|")
+    max_abs_logit: float
+    max_abs_logit_diff: dict[str, float] = Field(description="per batch size")
+    top1_agreement: float = Field(description="lowest share of identical top-1 over the batch sizes")
+    top1_near_ties: int = Field(default=0, description="images whose two best logits are within the tolerance")
+    batch_invariance_max_diff: float
+    variant_batch_invariance_max_diff: float | None = None
+
+
 class ExportProvenance(_Strict):
     exporter: Literal["dynamo", "torchscript"]
     opset: int
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     versions: dict[str, str]
     parity: dict[str, Any] = Field(default_factory=dict, description="max |logit diff| per batch size, etc.")
+    parity_check: ParityCheck | None = Field(default=None, description="the parity figures in full; absent in "
+                                             "manifests written before they were recorded")
     quantization: dict[str, Any] | None = None
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str
     version: int = Field(ge=1)
     created_at: datetime

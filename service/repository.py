@@ -11,7 +11,6 @@ and the sha256 of every file; a version that fails is never served.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.atomic import atomic_write_json, atomic_write_text, current_umask, fsync_dir
+from service.atomic import atomic_write_json, atomic_write_text, current_umask, file_lock, fsync_dir
 from service.manifest import FileEntry, Manifest, validate_name
 
 log = logging.getLogger(__name__)
@@ -157,12 +156,8 @@ class ModelRepository:
     def _locked(self, name: str) -> Iterator[Path]:
         folder = self.root / validate_name(name)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield folder
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with file_lock(folder / ".lock"):
+            yield folder
 
     def add_version(self, name: str, write: Callable[[Path, int], Manifest]) -> ModelVersion:
         """Build a version with ``write(staging_dir, version)`` and publish it atomically.

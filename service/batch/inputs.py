@@ -14,9 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.preprocessing import ImageTooLargeError
+from service.preprocessing import IMAGE_SUFFIXES, ImageTooLargeError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _GLOB_CHARS = frozenset("*?[")
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from service.batch.runner import Chunk, ScorerSpec
-from service.batch.scoring import Row
+from service.batch.job import Chunk, ScorerSpec
+from service.batch.rows import Row, to_columns
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,13 @@ class RayScorer:
         import ray
 
         self.scorer = replace(spec, model=ray.get(model_ref)).build()
+        self.model, self.version = spec.manifest.name, spec.manifest.version
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        """Rows as the job's records (rows.py, the one schema), plus the chunk each belongs to."""
         items = list(zip((int(i) for i in batch["index"]), (str(p) for p in batch["path"]), strict=True))
-        rows = self.scorer.score(items)
-        return {
-            "chunk": [int(c) for c in batch["chunk"]],
-            "index": [r.index for r in rows], "path": [r.path for r in rows], "status": [r.status for r in rows],
-            "labels": [list(r.labels) for r in rows], "scores": [list(r.scores) for r in rows],
-            "error_kind": [r.error_kind for r in rows], "error_message": [r.error_message for r in rows],
-        }
+        records = (row.to_record(self.model, self.version) for row in self.scorer.score(items))
+        return to_columns(records, extra={"chunk": [int(c) for c in batch["chunk"]]})
 
 
 def ray_results(
@@ -76,9 +73,7 @@ def ray_results(
     arrived: defaultdict[int, list[Row]] = defaultdict(list)
     for r in dataset.iter_rows():
         chunk_id = int(r["chunk"])
-        arrived[chunk_id].append(Row(
-            int(r["index"]), str(r["path"]), r["status"], tuple(str(label) for label in r["labels"] or ()),
-            tuple(float(s) for s in r["scores"] or ()), r["error_kind"], r["error_message"]))
+        arrived[chunk_id].append(Row.from_record(r))
         chunk = todo[chunk_id]
         if len(arrived[chunk_id]) == len(chunk.items):
             rows = sorted(arrived.pop(chunk_id), key=lambda row: row.index)

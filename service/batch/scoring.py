@@ -11,43 +11,25 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import numpy as np
 
 from service.batch.inputs import read_input
-from service.engine import Device, ModelEngine, create_session, top_k
+from service.batch.rows import Item, Row, error_row
 from service.manifest import Manifest
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
+from service.runtime import Device, OnnxModel, top_k
 
 log = logging.getLogger(__name__)
 
-Item = tuple[int, str]  # (position in the input listing, path)
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One input's outcome. Bad files are rows too: a batch job never stops for one."""
-
-    index: int
-    path: str
-    status: Literal["ok", "error"]
-    labels: tuple[str, ...] = ()
-    scores: tuple[float, ...] = ()
-    error_kind: str | None = None
-    error_message: str | None = None
-
-
-def error_row(index: int, path: str, kind: str, message: str) -> Row:
-    return Row(index, path, "error", error_kind=kind, error_message=message)
+__all__ = ["Item", "Row", "Scorer", "error_row"]  # Row and Item live in rows.py, with their schema
 
 
 class Scorer:
     """An engine and the settings to score batches of files with it."""
 
-    def __init__(self, engine: ModelEngine, *, top_k: int, batch_size: int, limits: DecodeLimits) -> None:
+    def __init__(self, engine: OnnxModel, *, top_k: int, batch_size: int, limits: DecodeLimits) -> None:
         self.engine, self.top_k, self.batch_size, self.limits = engine, top_k, batch_size, limits
 
     @classmethod
@@ -56,7 +38,7 @@ class Scorer:
         limits: DecodeLimits, device: Device = "cpu", threads: int = 1,
     ) -> Scorer:
         """A scorer with a session of its own (one per worker)."""
-        engine = ModelEngine(manifest, create_session(model, device, threads), load_seconds=0.0)
+        engine = OnnxModel.load(model, manifest, device, threads)
         return cls(engine, top_k=top_k, batch_size=batch_size, limits=limits)
 
     def score(self, items: Sequence[Item]) -> list[Row]:

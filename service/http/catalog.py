@@ -21,8 +21,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from service.engine import ModelEngine
+from service.http.served import BatchHook, ServedModel
 from service.repository import PRODUCTION, ModelRef, ModelRepository
+from service.runtime import OnnxModel, check_device
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,11 @@ def plan(settings: Settings, repo: ModelRepository) -> tuple[list[Target], list[
     return targets, skipped
 
 
-def _load_engine(repo: ModelRepository, target: Target, settings: Settings) -> ModelEngine:
+def _load_engine(repo: ModelRepository, target: Target, settings: Settings, on_batch: BatchHook | None) -> ServedModel:
     """Verified (schema, sha256 of every file) and warmed up, ready to take traffic."""
-    engine = ModelEngine.load(
-        repo.get(target.name, target.version), settings.device, settings.threads_per_session,
-        settings.max_batch_size, settings.batch_wait_ms,
-    )
+    version = repo.get(target.name, target.version)
+    model = OnnxModel.load(version.model_path, version.manifest, settings.device, settings.threads_per_session)
+    engine = ServedModel(model, settings.max_batch_size, settings.batch_wait_ms, on_batch)
     try:
         engine.warm_up()
     except BaseException:
@@ -92,32 +92,49 @@ def _load_engine(repo: ModelRepository, target: Target, settings: Settings) -> M
 
 @dataclass(frozen=True)
 class Catalog:
-    engines: dict[str, ModelEngine]  # "name:version" -> engine; never mutated after construction
+    engines: dict[str, ServedModel]  # "name:version" -> model; never mutated after construction
     default: str  # key of the default engine: the first one, as at startup
     following: dict[str, int] = field(default_factory=dict)  # unpinned name -> version its production was
+    on_batch: BatchHook | None = field(default=None, repr=False)  # given to every model loaded (metrics)
+    failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it could not be loaded
 
     @classmethod
-    def load(cls, settings: Settings) -> Catalog:
-        """The production version of every model (or the ones settings name), verified, warmed up."""
+    def load(cls, settings: Settings, on_batch: BatchHook | None = None) -> Catalog:
+        """The production version of every model (or the ones settings name), verified, warmed up.
+
+        A version that fails to load is left out and recorded in ``failed`` (the worker stays up,
+        reports not ready with the reason, and serves the others); a repository with no model to
+        serve at all is an error.
+        """
         repo = ModelRepository(settings.model_repo)
         if not settings.models and not repo.names():
             raise RuntimeError(f"no models in {repo.root}; run `imgclf bootstrap` or export one")
         targets, skipped = plan(settings, repo)
         for name in skipped:
             log.warning("skipping %s: it has no production version", name)
-        engines: dict[str, ModelEngine] = {}
-        for target in targets:
-            if target.key not in engines:
-                engines[target.key] = _load_engine(repo, target, settings)
-        if not engines:
+        if not targets:
             raise RuntimeError(f"no model in {repo.root} has a production version; promote one")
-        return cls(engines, next(iter(engines)), {t.name: t.version for t in targets if not t.pinned})
+        check_device(settings.device)  # a device that cannot work stops the worker: it is no one model's fault
+        engines: dict[str, ServedModel] = {}
+        failed: dict[str, str] = {}
+        for target in targets:
+            if target.key in engines or target.key in failed:
+                continue
+            try:
+                engines[target.key] = _load_engine(repo, target, settings, on_batch)
+            except Exception as exc:  # noqa: BLE001 - one bad version must not take the others down
+                failed[target.key] = f"{type(exc).__name__}: {exc}"
+                log.error("NOT serving %s: it failed to load: %s", target.key, exc)
+        following = {t.name: t.version for t in targets if not t.pinned and t.key in engines}
+        return cls(engines, next(iter(engines), ""), following, on_batch, failed)
 
-    def get(self, requested: str | None) -> ModelEngine:
+    def get(self, requested: str | None) -> ServedModel:
         """``None`` -> the default; ``name`` -> that model; ``name:version`` -> exactly that version.
 
         Raises ValueError for a malformed reference, UnknownModelError for one not served here.
         """
+        if not self.engines:
+            raise UnknownModelError(f"no model is served: {'; '.join(f'{k}: {v}' for k, v in self.failed.items())}")
         if requested is None or requested == "":
             return self.engines[self.default]
         ref = ModelRef.parse(requested)  # ValueError: not a valid name (a 400, not a 404)
@@ -147,8 +164,8 @@ class Catalog:
         if gone:
             raise ReloadRefusedError(f"{', '.join(gone)}: no production version any more; "
                                      "a reload never stops serving a model (restart to remove one)")
-        engines: dict[str, ModelEngine] = {}
-        fresh: list[ModelEngine] = []
+        engines: dict[str, ServedModel] = {}
+        fresh: list[ServedModel] = []
         for target in targets:
             if target.key in engines:
                 continue
@@ -156,7 +173,7 @@ class Catalog:
                 engines[target.key] = self.engines[target.key]
                 continue
             try:
-                engine = _load_engine(repo, target, settings)
+                engine = _load_engine(repo, target, settings, self.on_batch)
             except Exception as exc:  # verification, ONNX Runtime or I/O: refuse, keep the old
                 for loaded in fresh:
                     loaded.close()
@@ -166,10 +183,10 @@ class Catalog:
         following = {t.name: t.version for t in targets if not t.pinned}
         changes = [Change(name, self.following.get(name), version)
                    for name, version in following.items() if self.following.get(name) != version]
-        return Catalog(engines, next(iter(engines)), following), changes
+        return Catalog(engines, next(iter(engines)), following, self.on_batch), changes
 
 
-SwapHook = Callable[[list[ModelEngine], list[ModelEngine]], None]  # (added, retired), e.g. for metrics
+SwapHook = Callable[[list[ServedModel], list[ServedModel]], None]  # (added, retired), e.g. for metrics
 
 
 class LiveCatalog:
@@ -185,15 +202,32 @@ class LiveCatalog:
     (see ``Settings.watch_seconds``).
     """
 
-    def __init__(self, settings: Settings, catalog: Catalog, on_swap: SwapHook | None = None) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, on_swap: SwapHook | None = None) -> None:
         self.settings = settings
-        self.current = catalog
+        self._current = catalog
         self.on_swap = on_swap
         self._lock = asyncio.Lock()  # one reload at a time per worker
         self._refused: list[str] | None = None  # what the watcher last failed on: not retried until it changes
         self._watcher: asyncio.Task[None] | None = None
 
-    def lease(self, requested: str | None) -> AbstractContextManager[ModelEngine]:
+    @property
+    def current(self) -> Catalog:
+        """What this worker serves now; a reload replaces it whole (read it once per request)."""
+        if self._current is None:
+            raise RuntimeError("the worker has not loaded its models yet")
+        return self._current
+
+    @current.setter
+    def current(self, catalog: Catalog) -> None:
+        self._current = catalog
+
+    def serve(self, catalog: Catalog) -> None:
+        """Start serving ``catalog`` (the worker's first load); middleware built before it see it from now on."""
+        self._current = catalog
+        if self.on_swap is not None:
+            self.on_swap(list(catalog.engines.values()), [])
+
+    def lease(self, requested: str | None) -> AbstractContextManager[ServedModel]:
         """The engine for a request, held until the request ends (raises like ``Catalog.get``)."""
         return self.current.get(requested).lease()
 

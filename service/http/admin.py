@@ -7,7 +7,7 @@ the public OpenAPI schema and is checked before BentoML parses anything.
 - Missing or wrong token: 401 with ``WWW-Authenticate: Bearer``. The token is
   compared in constant time and never logged.
 - ``POST /admin/reload`` reloads the worker that took the request, now, and
-  answers 200 with :class:`~service.schemas.ReloadResponse`, or 409
+  answers 200 with :class:`~service.http.schemas.ReloadResponse`, or 409
   ``reload_refused`` when a new version fails to load or verify (the old one
   keeps serving). With several workers the others converge by watching the
   aliases (``Settings.watch_seconds``), within a poll interval plus load time.
@@ -19,13 +19,12 @@ import hmac
 import logging
 from collections.abc import Callable
 
-import bentoml
 from pydantic import SecretStr
 from starlette.responses import JSONResponse
 
-from service.catalog import Catalog, Change, ReloadRefusedError
-from service.http_guard import ASGIApp, Receive, Scope, Send, refuse
-from service.schemas import ReloadResponse, ServedModel, VersionChange
+from service.http.catalog import Catalog, Change, LiveCatalog, ReloadRefusedError
+from service.http.errors import ASGIApp, Receive, Scope, Send, refuse
+from service.http.schemas import ReloadResponse, ServedVersion, VersionChange
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ CHALLENGE = b'Bearer realm="imgclf-admin"'
 
 def reload_response(catalog: Catalog, changes: list[Change]) -> ReloadResponse:
     return ReloadResponse(
-        models=[ServedModel(name=e.manifest.name, version=e.manifest.version) for e in catalog.engines.values()],
+        models=[ServedVersion(name=e.manifest.name, version=e.manifest.version) for e in catalog.engines.values()],
         changed=[VersionChange(name=c.name, from_=c.old, to=c.new) for c in changes],
     )
 
@@ -53,8 +52,10 @@ def bearer_token(scope: Scope) -> bytes | None:
 class AdminRoute:
     """Answers ``/admin/*`` itself; everything else passes through."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr | None, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, live: LiveCatalog, token: SecretStr | None,
+                 on_error: Callable[[str], None] | None = None) -> None:
         self.app = app
+        self.live = live
         self._token = token.get_secret_value().encode() if token is not None else None
         self.on_error = on_error  # told the kind of every refusal, for metrics
 
@@ -82,7 +83,7 @@ class AdminRoute:
             await refuse(send, self.on_error, 405, "method_not_allowed", f"use POST {RELOAD}", [(b"allow", b"POST")])
             return
         try:
-            result = await bentoml.get_current_service().reload()
+            result = reload_response(*await self.live.reload())
         except ReloadRefusedError as exc:
             log.warning("admin reload refused: %s", exc)
             await refuse(send, self.on_error, 409, "reload_refused", str(exc))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.preprocessing import PreprocessSpec
+from service.preprocessing.spec import PreprocessSpec
 
 
 class PredictionOut(BaseModel):
@@ -17,7 +17,7 @@ class ClassifyResponse(BaseModel):
     model: str
     version: int
     predictions: list[PredictionOut]
-    timing_ms: dict[str, float] = Field(description="decode_and_preprocess, inference, total")
+    timing_ms: dict[str, float] = Field(description="milliseconds: preprocess (decode, resize, normalise) and total")
 
 
 class ErrorOut(BaseModel):
@@ -51,9 +51,11 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    not_loaded: dict[str, str] = Field(default_factory=dict, description="name:version -> why this worker "
+                                       "could not load it (it reports not ready on /readyz meanwhile)")
 
 
-class ServedModel(BaseModel):
+class ServedVersion(BaseModel):
     name: str
     version: int
 
@@ -74,5 +76,5 @@ class ReloadResponse(BaseModel):
     Other workers converge by watching the repository's aliases (IMGCLF_POLL_SECONDS).
     """
 
-    models: list[ServedModel]
+    models: list[ServedVersion]
     changed: list[VersionChange] = Field(description="models whose version this reload changed; empty: none")

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from service.http_guard import ASGIApp, Receive, Scope, Send, refuse
+from service.http.errors import ASGIApp, Receive, Scope, Send, refuse
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,137 @@
+"""Reading a request body at the boundary: size limit, minimum pace, and a cap on bodies in progress.
+
+A slow client must not hold the service hostage. Admission counts a request only once its body is
+here (``service.http.admission`` sits behind this), so trickling uploads cannot occupy its slots;
+instead, here:
+
+- at most ``max_receiving`` bodies are received at once per worker, so memory stays below that cap
+  times the upload limit;
+- a body must arrive at ``min_rate`` bytes/s on average once ``grace_s`` have passed, else 408 and
+  the connection closes;
+- when the cap is reached, a new upload takes the place of the one furthest behind that pace among
+  those older than a second (408 for it), grace period or not. Only when none qualifies is the new
+  one refused, with 503 and ``Retry-After``. The cap (128 by default) is far above what a worker
+  decodes at once, so a hundred trickling connections leave room for normal clients;
+- a body over ``max_body`` is 413 as soon as its declared or received length says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service.http.errors import Receive, Scope, Send, refuse
+
+CLOSE = [(b"connection", b"close")]
+PROBATION_S = 1.0  # an upload younger than this keeps its place: a normal one is done by then
+
+
+@dataclass(frozen=True)
+class UploadPace:
+    grace_s: float = 5.0
+    min_rate: float = 10 * 1024  # bytes/s averaged from the start, checked after grace_s; 0: off
+
+
+@dataclass(eq=False)
+class _Upload:
+    started: float
+    received: int = 0
+    evicted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class BodyReader:
+    """One per worker (the guard's): reads bodies within the limits above, or answers the refusal itself."""
+
+    def __init__(self, pace: UploadPace, max_receiving: int, on_error: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pace = pace
+        self.max_receiving = max_receiving
+        self.on_error = on_error
+        self._clock = clock
+        self._uploads: set[_Upload] = set()
+
+    @property
+    def receiving(self) -> int:
+        return len(self._uploads)
+
+    async def read(self, scope: Scope, receive: Receive, send: Send, max_body: int) -> bytes | None:
+        """The whole body, or None when it was refused (the answer is sent) or the client went away."""
+        too_big = f"request body is larger than {max_body} bytes"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            await refuse(send, self.on_error, 413, "request_too_large", too_big, CLOSE)
+            return None
+        if len(self._uploads) >= self.max_receiving and not self._evict_slowest():
+            await refuse(send, self.on_error, 503, "overloaded",
+                         f"server busy: {len(self._uploads)} uploads already in progress on this worker "
+                         f"(limit {self.max_receiving}); retry after 1 s", [(b"retry-after", b"1"), *CLOSE])
+            return None
+        upload = _Upload(self._clock())
+        self._uploads.add(upload)
+        try:
+            return await self._receive(upload, receive, send, max_body, too_big)
+        finally:
+            self._uploads.discard(upload)
+
+    def _behind(self, upload: _Upload, now: float) -> float:
+        """How many bytes ``upload`` is behind the pace (<= 0: keeping it), grace period ignored."""
+        return self.pace.min_rate * (now - upload.started) - upload.received
+
+    def _evict_slowest(self) -> bool:
+        """Make room by dropping the upload furthest behind the pace; False when all keep it."""
+        if self.pace.min_rate <= 0:
+            return False
+        now = self._clock()
+        candidates = [u for u in self._uploads if now - u.started >= PROBATION_S]
+        slowest = max(candidates, key=lambda u: self._behind(u, now), default=None)  # furthest behind first
+        if slowest is None or self._behind(slowest, now) <= 0:
+            return False
+        slowest.evicted.set()
+        self._uploads.discard(slowest)  # its place is the newcomer's from now on
+        return True
+
+    def _deadline(self, upload: _Upload) -> float | None:
+        """When more bytes must have arrived to keep the pace after the grace period (None: no limit)."""
+        if self.pace.min_rate <= 0:
+            return None
+        return upload.started + self.pace.grace_s + upload.received / self.pace.min_rate
+
+    async def _next(self, upload: _Upload, receive: Receive) -> dict | None:
+        """The next ASGI message, or None when the upload fell behind or lost its place."""
+        if upload.evicted.is_set():
+            return None
+        deadline = self._deadline(upload)
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        message = asyncio.ensure_future(receive())
+        evicted = asyncio.ensure_future(upload.evicted.wait())
+        done, _ = await asyncio.wait({message, evicted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        evicted.cancel()
+        if message in done and not upload.evicted.is_set():
+            return message.result()
+        message.cancel()
+        return None
+
+    async def _receive(self, upload: _Upload, receive: Receive, send: Send, max_body: int,
+                       too_big: str) -> bytes | None:
+        chunks: list[bytes] = []
+        while True:
+            message = await self._next(upload, receive)
+            if message is None:
+                elapsed = self._clock() - upload.started
+                why = "the server needed its place for a faster upload" if upload.evicted.is_set() else (
+                    f"after the first {self.pace.grace_s:g} s a body must arrive at {self.pace.min_rate:g} bytes/s")
+                await refuse(send, self.on_error, 408, "timeout",
+                             f"upload too slow: {upload.received} bytes in {elapsed:.1f} s; {why}", CLOSE)
+                return None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            upload.received += len(chunk)
+            if upload.received > max_body:
+                await refuse(send, self.on_error, 413, "request_too_large", too_big, CLOSE)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
