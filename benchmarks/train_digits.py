@@ -1,4 +1,4 @@
-"""Reproduce the training figures the README quotes, on this machine.
+"""Reproduce the training figures docs/training.md quotes, on this machine.
 
 1. LeNet-5 on scikit-learn digits, 15 epochs, seed 0 (target: val top-1 >= 0.975).
 2. EfficientNet-Lite0 at 64x64 with its default recipe, ImageNet-pretrained (target >= 0.99),
