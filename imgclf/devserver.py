@@ -58,7 +58,7 @@ class LiveServer:
 @contextmanager
 def running_server(
     repo: Path | None, home: Path, env: Mapping[str, str] | None = None, *, command: Sequence[str] | None = None,
-    port: int | None = None, timeout_s: float = 120, client_timeout_s: float = 30,
+    port: int | None = None, timeout_s: float = 120, client_timeout_s: float = 30, ready_path: str = "/readyz",
 ) -> Iterator[LiveServer]:
     """`imgclf serve --repo REPO` (or ``command``, which must listen on ``port``) with ``env`` added.
 
@@ -86,7 +86,7 @@ def running_server(
             if time.perf_counter() - started > timeout_s:
                 raise RuntimeError(f"server not ready after {timeout_s:.0f}s: {log_path.read_text()[-3000:]}")
             try:
-                if client.get("/readyz").status_code == 200:
+                if client.get(ready_path).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

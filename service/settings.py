@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MULTI_WORKER_POLL_SECONDS = 2.0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Settings(BaseModel):
@@ -20,7 +33,8 @@ class Settings(BaseModel):
                               "default: the production version of every model")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="cuda without a working CUDA "
                                                    "provider is a startup error")
-    workers: int = Field(default=1, ge=1, description="worker processes, each with its own sessions")
+    workers: int = Field(default=0, ge=0, description="worker processes, each with its own sessions; 0: one per "
+                         "usable core (the fastest configuration measured: benchmarks/NOTES.md)")
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per session; 0: cores / workers")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="largest image file accepted")
     max_pixels: int = Field(default=50_000_000, gt=0, description="largest decoded image accepted")
@@ -28,8 +42,9 @@ class Settings(BaseModel):
     max_batch_images: int = Field(default=32, ge=1, description="images per /classify_batch request")
     max_batch_size: int = Field(default=32, ge=1, description="images per ONNX Runtime call")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="how long a batch waits for more images")
-    max_concurrency: int = Field(default=64, ge=1, description="requests in flight per worker, all routes but "
-                                 "health and metrics, before BentoML's bare 429 (a backstop above IMGCLF_MAX_QUEUE)")
+    max_concurrency: int = Field(default=1024, ge=1, description="requests in flight per worker, all routes but "
+                                 "health and metrics, before BentoML's bare 429: a backstop far above IMGCLF_MAX_QUEUE "
+                                 "and IMGCLF_MAX_RECEIVING, whose answers (503/408 with a reason) come first")
     max_queue: int = Field(default=32, ge=1, description="/classify and /classify_batch requests in flight per "
                            "worker; more get 503 with Retry-After at once (service/admission.py)")
     latency_budget_ms: float = Field(default=1000.0, ge=0, description="refuse (503, Retry-After) a request whose "
@@ -43,8 +58,37 @@ class Settings(BaseModel):
                                      "an archive or entry is refused as a bomb")
     admin_token: SecretStr | None = Field(default=None, description="bearer token for POST /admin/reload; "
                                           "unset: the admin endpoints are off (404)")
+    upload_grace_s: float = Field(default=5.0, ge=0, description="seconds an upload may take before "
+                                  "IMGCLF_MIN_UPLOAD_RATE applies")
+    min_upload_rate: int = Field(default=10 * 1024, ge=0, description="bytes/s an upload must average after the "
+                                 "grace period, else 408 and the connection is closed; 0: off")
+    max_receiving: int = Field(default=128, ge=1, description="request bodies received at once per worker (memory "
+                               "<= this x the upload limit); past it a new upload takes the place of one that "
+                               "has fallen behind IMGCLF_MIN_UPLOAD_RATE for a second, else gets 503 + Retry-After")
+    keepalive_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after this")
+    max_batch_jobs: int = Field(default=2, ge=1, description="/batch jobs queued or running per worker; more "
+                                "get 503 with Retry-After")
     poll_seconds: float = Field(default=0.0, ge=0, description="re-read the aliases every N seconds and reload "
                                 "when production changed; 0: off (2 s when IMGCLF_WORKERS > 1)")
+    grpc_port: int | None = Field(default=None, ge=1, le=65535, description="serve the Open Inference Protocol "
+                                  "(KServe V2) over gRPC on this port, in every worker (SO_REUSEPORT); unset: off")
+    grpc_host: str = Field(default="0.0.0.0", description="address the V2 gRPC server listens on")
+    # --- trust, drift and sampling (docs/trust-and-retrain.md) ---
+    abstain: bool = Field(default=False, description="1: an answer whose top-1 score is under the threshold "
+                          "comes back with label null (its predictions kept, abstained: true)")
+    metrics_max_labels: int = Field(default=100, ge=0, description="label series of imgclf_predictions_total "
+                                    "per model and worker; answers with further labels count under label=other")
+    drift_window: int = Field(default=1000, ge=10, description="answers per model each worker compares with "
+                              "the validation reference; not_enough_data until it is full")
+    drift_class_psi: float = Field(default=0.25, gt=0, description="population stability index of the "
+                                   "answered classes above which the verdict is drift")
+    drift_score_psi: float = Field(default=0.25, gt=0, description="population stability index of the top-1 "
+                                   "scores above which the verdict is drift")
+    sample_dir: Path | None = Field(default=None, description="keep sampled requests' images here (exact bytes "
+                                    "+ a JSON line each); unset: off")
+    sample_rate: float = Field(default=0.0, ge=0, le=1, description="share of answered images to keep")
+    sample_max_bytes: int = Field(default=1024 * 1024 * 1024, gt=0, description="disk cap of IMGCLF_SAMPLE_DIR; "
+                                  "near it only non-confident answers are kept, at it none (counted)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -56,6 +100,16 @@ class Settings(BaseModel):
     @field_validator("admin_token", mode="before")
     @classmethod
     def _blank_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _blank_port_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("sample_dir", mode="before")
+    @classmethod
+    def _blank_dir_is_off(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -71,19 +125,77 @@ class Settings(BaseModel):
     def watch_seconds(self) -> float:
         """How often each worker checks the aliases. With several workers an admin reload reaches only
         one of them, so the others must watch to converge: polling is on by default then."""
-        return self.poll_seconds or (MULTI_WORKER_POLL_SECONDS if self.workers > 1 else 0.0)
+        return self.poll_seconds or (MULTI_WORKER_POLL_SECONDS if self.worker_count > 1 else 0.0)
 
     @property
     def threads_per_session(self) -> int:
-        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.intra_op_threads or max(1, usable_cores() // self.worker_count)
+
+    @property
+    def worker_count(self) -> int:
+        """IMGCLF_WORKERS, or one worker per usable core when it is 0 (the default)."""
+        return self.workers or usable_cores()
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, only: Collection[str] | None = None, **overrides: object
+    ) -> Settings:
+        """Settings from ``IMGCLF_*`` variables, then ``overrides`` (CLI flags; None means not given).
+
+        ``only`` names the fields a caller uses: just their variables are read and the rest keep their
+        defaults, so a command that needs the repository path is not stopped by a bad serving variable.
+        Raises pydantic's ValidationError; :func:`format_settings_error` words it for people.
+        """
         env = os.environ if env is None else env
+        fields = cls.model_fields if only is None else only
+        unknown = sorted(set(fields) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"not settings: {unknown}")
         values: dict[str, object] = {}
-        for field in cls.model_fields:
-            key = f"IMGCLF_{field.upper()}"
+        for field in fields:
+            key = env_name(field)
             if key in env:
                 values[field] = env[key]
         values |= {k: v for k, v in overrides.items() if v is not None}
         return cls.model_validate(values)
+
+
+def env_name(field: str) -> str:
+    """The variable that sets a field: ``max_queue`` -> ``IMGCLF_MAX_QUEUE``."""
+    return f"IMGCLF_{field.upper()}"
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's Field(ge=...) metadata
+_KINDS = {int: "an integer", float: "a number", Path: "a path", list[str]: "a comma-separated list",
+          int | None: "an integer (unset: off)", bool: "0 or 1", Path | None: "a path (unset: off)"}
+
+
+def allowed_values(field: str) -> str:
+    """What a field accepts, in words: ``an integer >= 1``, ``one of auto, cpu, cuda``."""
+    info = Settings.model_fields[field]
+    if get_origin(info.annotation) is Literal:
+        return "one of " + ", ".join(map(str, get_args(info.annotation)))
+    kind = _KINDS.get(info.annotation, "a string")
+    bounds = [f"{op} {getattr(m, attr)}" for m in info.metadata for attr, op in _BOUNDS
+              if getattr(m, attr, None) is not None]
+    return " ".join([kind, " and ".join(bounds)]).strip()
+
+
+def format_settings_error(exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line for a ValidationError of Settings, naming each variable (or the flag in ``flags`` that
+    gave the field instead) and what it allows; a secret's value (the admin token) is never echoed."""
+    problems = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:  # a check across fields: its message names the variables
+            problems.append(msg)
+            continue
+        field = str(err["loc"][0])
+        name = (flags or {}).get(field) or env_name(field)
+        if field not in Settings.model_fields:
+            problems.append(f"{name}: not a setting")
+            continue
+        secret = "SecretStr" in str(Settings.model_fields[field].annotation)
+        got = "" if secret else f" (got {err.get('input')!r})"
+        problems.append(f"{name}: {msg[:1].lower()}{msg[1:]}{got}; allowed: {allowed_values(field)}")
+    return "; ".join(problems)

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
-# Runs the CLI with torch, torchvision and timm made unimportable: an install without the train extra.
-WITHOUT_TRAIN_EXTRA = (
-    "import sys\n"
-    "for name in ('torch', 'torchvision', 'timm'): sys.modules[name] = None\n"
-    "from imgclf.cli import app\n"
-    "sys.argv = ['imgclf', *sys.argv[1:]]\n"
-    "app()\n"
-)
-
-
-def imgclf(*args: str, cwd: Path | None = None, without_train: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", WITHOUT_TRAIN_EXTRA, *args] if without_train else [
-        sys.executable, "-m", "imgclf.cli", *args
-    ]
-    return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=600, check=False)
+from tests.support import ROOT
+from tests.support.cli import imgclf
 
 
 def test_help_lists_commands() -> None:
@@ -117,3 +104,157 @@ def test_archs_lists_the_registry() -> None:
     result = imgclf("archs")
     assert result.returncode == 0
     assert {"lenet5", "simple_cnn", "resnet18", "efficientnet_lite0"} <= set(result.stdout.split())
+
+
+# --- user mistakes: one line on stderr, exit code 2, the traceback only with -v -------------------------------
+
+SCRIPT = Path(sys.executable).with_name("imgclf")  # the console script, as pyproject.toml installs it
+
+
+def console(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``imgclf ARGS`` through the installed console script, with no IMGCLF_* variable but ``env``."""
+    if not SCRIPT.is_file():
+        pytest.fail(f"no console script at {SCRIPT}: install the project (make setup)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGCLF_")}
+    return subprocess.run([str(SCRIPT), *args], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """The failure is a usage error: exit 2, exactly one line on stderr, no traceback, naming ``words``."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def listed_repo(tmp_path: Path) -> Path:
+    """A repository layout with one model, ``tiny`` version 1 as production (enough for listing)."""
+    root = tmp_path / "models"
+    (root / "tiny" / "1").mkdir(parents=True)
+    (root / "tiny" / "aliases.json").write_text(json.dumps({"production": 1}))
+    return root
+
+
+def test_console_script_help() -> None:
+    result = console("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "export", "models", "batch", "serve", "pipeline"):
+        assert command in result.stdout
+    assert console("models", "--help").returncode == 0
+
+
+def test_a_serving_variable_does_not_stop_the_repository_commands(listed_repo: Path) -> None:
+    """`models list` reads only IMGCLF_MODEL_REPO, so a serving-only setting cannot break it."""
+    bad_serving = ({"IMGCLF_MAX_QUEUE": "100", "IMGCLF_MAX_CONCURRENCY": "64"}, {"IMGCLF_MAX_QUEUE": "abc"})
+    for repo_args, env in (((), {"IMGCLF_MODEL_REPO": str(listed_repo)}), (("--repo", str(listed_repo)), {})):
+        for bad in bad_serving:
+            result = console("models", "list", *repo_args, **bad, **env)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == "tiny: 1 (production)"
+    history = console("pipeline", "history", "--repo", str(listed_repo), IMGCLF_MAX_QUEUE="abc")
+    assert history.returncode == 0 and "no pipeline runs recorded" in history.stdout, history.stderr
+
+
+@pytest.fixture
+def empty_repo(tmp_path: Path) -> Path:
+    """`imgclf serve` checks its settings before the repository: on an empty one, settings that pass by
+    mistake end in "no models" instead of a real server."""
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def test_a_bad_serving_variable_is_one_line_naming_it(empty_repo: Path) -> None:
+    line = one_line_error(console("serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="abc"),
+                          "IMGCLF_MAX_QUEUE", "'abc'")
+    assert "allowed: an integer >= 1" in line
+    one_line_error(console("serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="100", IMGCLF_MAX_CONCURRENCY="64"),
+                   "IMGCLF_MAX_QUEUE", "IMGCLF_MAX_CONCURRENCY")
+    one_line_error(console("serve", "--repo", str(empty_repo), IMGCLF_DEVICE="tpu"), "IMGCLF_DEVICE", "cpu, cuda")
+    one_line_error(console("serve", "--repo", str(empty_repo)), "no models in")  # and valid settings get this far
+
+
+def test_the_admin_token_is_never_echoed(empty_repo: Path) -> None:
+    result = console("serve", "--repo", str(empty_repo), IMGCLF_ADMIN_TOKEN="s3cret-token", IMGCLF_WORKERS="-1")
+    one_line_error(result, "IMGCLF_WORKERS")
+    assert "s3cret-token" not in result.stderr + result.stdout
+
+
+def test_a_bad_config_key_or_file_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("optim: {learning_rate: 0.1}\nepochs: 0\n")
+    line = one_line_error(console("train", "--config", str(cfg), "--out", str(tmp_path / "run")),
+                          "optim.learning_rate: unknown key", "epochs")
+    assert not (tmp_path / "run").exists(), line
+    one_line_error(console("train", "--config", str(tmp_path / "missing.yaml")), "cannot read config")
+    one_line_error(console("pipeline", "--config", str(cfg), "--name", "x", "--data", "d", "--holdout", "h"))
+
+
+def test_a_missing_repository_or_unknown_model_is_one_line(listed_repo: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-repo"
+    for command in (("models", "show", "tiny"), ("models", "list"), ("batch", "x", "--model", "tiny", "--out",
+                                                                      str(tmp_path / "o.csv"))):
+        one_line_error(console(*command, "--repo", str(missing)), str(missing), "--repo", "IMGCLF_MODEL_REPO")
+    one_line_error(console("models", "show", "nope", "--repo", str(listed_repo)), "no model named 'nope'", "tiny")
+    one_line_error(console("models", "show", "tiny:7", "--repo", str(listed_repo)), "no version 7")
+    one_line_error(console("models", "show", "tiny:x", "--repo", str(listed_repo)), "invalid model version")
+    one_line_error(console("preprocess", str(tmp_path / "none.jpg")), "cannot read", "none.jpg")
+
+
+def test_verbose_shows_the_traceback(listed_repo: Path, empty_repo: Path) -> None:
+    plain = console("models", "show", "nope", "--repo", str(listed_repo))
+    verbose = console("-v", "models", "show", "nope", "--repo", str(listed_repo))
+    assert verbose.returncode == 2
+    assert "Traceback" in verbose.stderr and "ModelNotFoundError" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1] == one_line_error(plain)
+    settings_error = console("-v", "serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="abc")
+    assert settings_error.returncode == 2 and "ValidationError" in settings_error.stderr
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    """Only known user errors become one line: an unexpected exception is not hidden."""
+    from imgclf.cli.common import CliError, user_error_message
+
+    assert user_error_message(CliError("a\n  b")) == "a; b"
+    assert user_error_message(CliError("invalid config:\n  x: y")) == "invalid config: x: y"
+    assert user_error_message(KeyError("x")) is None and user_error_message(ValueError("x")) is None
+
+
+def test_train_overrides_nest_the_given_flags() -> None:
+    from imgclf.cli.common import train_overrides
+
+    assert train_overrides(arch="lenet5", epochs=None, lr=0.1, seed=3) == {
+        "model": {"arch": "lenet5"}, "optim": {"lr": 0.1}, "seed": 3}
+    assert train_overrides(weights=Path("w.pt")) == {"model": {"weights": "w.pt", "pretrained": True}}
+    assert train_overrides(weights=Path("w.pt"), pretrained=False)["model"]["pretrained"] is False
+    assert train_overrides() == {}
+
+
+def test_every_listed_user_error_exists() -> None:
+    """USER_ERRORS names classes by import path; a module that moves must not silently turn its errors
+    back into tracebacks."""
+    import importlib
+
+    from imgclf.cli.common import USER_ERRORS
+
+    for dotted in USER_ERRORS:
+        module, _, name = dotted.partition(":")
+        cls = getattr(importlib.import_module(module), name, None)
+        assert isinstance(cls, type) and issubclass(cls, Exception), dotted
+
+
+def test_batch_reads_only_the_settings_it_declares() -> None:
+    """`imgclf batch` validates just BATCH_FIELDS; a setting the job code reads beyond them would keep its
+    default silently. Every ``settings.X`` in service/batch/ must be declared."""
+    import ast
+
+    from imgclf.cli.batch import BATCH_FIELDS
+
+    read = {node.attr for path in (ROOT / "service" / "batch").glob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "settings"}
+    assert read and read <= set(BATCH_FIELDS), read - set(BATCH_FIELDS)
