@@ -1,16 +1,16 @@
-"""Shared fixtures: real image files written by the tests, isolated caches, no network."""
+"""Shared fixtures only: isolated caches, real image folders, the bootstrapped repository.
+
+Helpers that tests import live in tests/support/ (a test module never imports conftest).
+"""
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.images import digit_images, write_image
 
 
 @pytest.fixture(autouse=True)
@@ -21,34 +21,6 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-
-
-def digit_images(per_class: int, classes: tuple[int, ...] = tuple(range(10))) -> dict[int, list[np.ndarray]]:
-    """Real handwritten digits from scikit-learn, as 8-bit 8x8 grey arrays, per class."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    out: dict[int, list[np.ndarray]] = {c: [] for c in classes}
-    for image, target in zip(digits.images, digits.target, strict=True):
-        if target in out and len(out[target]) < per_class:
-            out[target].append(np.round(image * 255 / 16).astype(np.uint8))
-    return out
-
-
-def write_image(path: Path, array: np.ndarray, fmt: str | None = None, size: int = 32) -> Path:
-    """Save a digit upscaled to ``size`` so every format (JPEG included) keeps it legible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(array).resize((size, size), Image.Resampling.NEAREST)
-    if (fmt or path.suffix.lstrip(".").upper()) in ("JPG", "JPEG", "WEBP"):
-        img = img.convert("RGB")
-    img.save(path, format=fmt)
-    return path
-
-
-def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture

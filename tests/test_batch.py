@@ -1,5 +1,6 @@
 """`imgclf batch` for real: image files written here (mixed formats, some corrupt), the bootstrapped
-ImageNet model, worker processes, a SIGKILL in the middle, a local Ray."""
+ImageNet model, worker processes, a SIGKILL at every point of the durable writes, a killed parent
+whose workers must die with it, a local Ray."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ import sys
 import time
 from pathlib import Path
 
-import images
 import pytest
-from conftest import ROOT
 
-from service.batch.output import state_dir
-from service.batch.runner import BatchOptions, run_batch
+from service.batch.job import BatchOptions
+from service.batch.job_state import KillPoint, state_dir
+from service.batch.runner import run_batch
 from service.settings import Settings
+from tests.support import ROOT, images
 
 MODEL = "imagenet-lite0"
+# the installed console script, as a user runs it (python -m imgclf.cli where there is none)
+_SCRIPT = Path(sys.executable).with_name("imgclf")
+IMGCLF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "imgclf.cli"]
 CORRUPT = {"broken.jpg": b"\xff\xd8\xff\xe0 this is no jpeg", "empty.png": b"", "html.webp": b"<html>hi</html>"}
 
 
@@ -59,7 +63,7 @@ def run(repo: Path, source: Path | str, out: Path, **options: object):
 
 
 def cli(*args: str, repo: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "imgclf.cli", "batch", *args, "--repo", str(repo)],
+    return subprocess.run([*IMGCLF, "batch", *args, "--repo", str(repo)],
                           cwd=cwd or ROOT, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -159,7 +163,7 @@ def test_resume_refuses_a_different_job(imagenet_repo: Path, photos: Path, tmp_p
 
 
 def _kill_mid_run(args: list[str], repo: Path, journal: Path, chunks_before_kill: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "batch", *args, "--repo", str(repo)], cwd=ROOT,
+    proc = subprocess.Popen([*IMGCLF, "batch", *args, "--repo", str(repo)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -200,6 +204,162 @@ def test_unordered_kill_9_then_resume_has_every_row_once(imagenet_repo: Path, tm
     assert cli(*common, "--out", str(out), "--resume", repo=imagenet_repo).returncode == 0
     rows = read_rows(out)
     assert sorted(r["index"] for r in rows) == list(range(63))
+
+
+KILL_POINTS: tuple[KillPoint, ...] = (
+    "before_first_chunk", "mid_chunk", "after_chunk_before_journal", "before_rename", "after_rename")
+# csv and parquet in input order (csv byte for byte); jsonl as chunks finish (the same set of rows)
+KILL_JOBS = {"csv": ["--ordered"], "parquet": ["--ordered"], "jsonl": []}
+
+
+@pytest.fixture(scope="module")
+def killable(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[str, Path]]:
+    """A job of 23 inputs in 6 chunks, and its uninterrupted output in each format."""
+    root = tmp_path_factory.mktemp("killable")
+    write_photos(root, 20, size=(48, 36))
+    common = [str(root), "--model", MODEL, "--top-k", "2", "--batch-size", "2", "--chunk-size", "4", "--workers", "1"]
+    clean = {}
+    for fmt, flags in KILL_JOBS.items():
+        clean[fmt] = root.parent / f"{root.name}-clean.{fmt}"
+        done = cli(*common, *flags, "--out", str(clean[fmt]), repo=imagenet_repo)
+        assert done.returncode == 0, done.stderr
+    return common, clean
+
+
+@pytest.mark.parametrize("fmt", list(KILL_JOBS))
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_at_each_point_resumes_to_the_clean_output(
+    imagenet_repo: Path, killable: tuple[list[str], dict[str, Path]], tmp_path: Path, point: str, fmt: str
+) -> None:
+    """`imgclf batch` SIGKILLs itself at ``point`` (the test-only --kill-at); --resume finishes the job."""
+    common, clean = killable
+    out = tmp_path / f"out.{fmt}"
+    job = [*common, *KILL_JOBS[fmt], "--out", str(out)]
+    killed = cli(*job, "--kill-at", point, repo=imagenet_repo)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert state_dir(out).exists() and out.exists() == (point == "after_rename")
+    resumed = cli(*job, "--resume", repo=imagenet_repo)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "23 rows" in resumed.stdout
+    if fmt == "csv":
+        assert out.read_bytes() == clean[fmt].read_bytes()
+    elif fmt == "parquet":
+        assert read_rows(out) == read_rows(clean[fmt])
+    else:
+        def by_index(path: Path) -> list[dict]:
+            return sorted(read_rows(path), key=lambda r: r["index"])
+        assert by_index(out) == by_index(clean[fmt])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no state, no temporary debris left
+    if point == "after_rename":  # the job is complete now: nothing is left to resume
+        again = cli(*job, "--resume", repo=imagenet_repo)
+        assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_resume_after_a_kill_before_the_first_rows_of_an_older_version(imagenet_repo: Path, photos: Path,
+                                                                        tmp_path: Path) -> None:
+    """Before the state directory was built whole, a kill could leave job.json and no rows file."""
+    out = tmp_path / "old.jsonl"
+    state_dir(out).mkdir()
+    (state_dir(out) / "job.json").write_text(json.dumps({
+        "source": str(photos), "model": MODEL, "version": 1, "format": "jsonl", "top_k": 3, "chunk_size": 512,
+        "ordered": False}))
+    assert run(imagenet_repo, photos, out, top_k=3, resume=True).total == 33
+    assert len(read_rows(out)) == 33
+
+
+# --- workers die with their parent ---------------------------------------------------------------------
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if fields[0] != "Z":  # a zombie is dead; only its parent has not reaped it yet
+                table[int(entry.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> start time of every live descendant of ``pid`` (the start time tells a reused pid apart)."""
+    table, found, todo = _process_table(), {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, started) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = started
+                todo.append(child)
+    return found
+
+
+def _survivors(processes: dict[int, str], within_s: float) -> dict[int, str]:
+    """Those of ``processes`` still alive ``within_s`` from now (returns early once none is)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        table = _process_table()
+        alive = {pid: started for pid, started in processes.items() if table.get(pid, (0, ""))[1] == started}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_when_the_job_is_killed(imagenet_repo: Path, tmp_path: Path) -> None:
+    """`kill -9` of `imgclf batch` (what the OOM killer does): no worker outlives it by 5 s."""
+    root = tmp_path / "many"
+    write_photos(root, 150, size=(64, 48))
+    out = tmp_path / "o.jsonl"
+    workers: dict[int, str] = {}
+    proc = subprocess.Popen([*IMGCLF, "batch", str(root), "--model", MODEL, "--out", str(out), "--workers", "2",
+                             "--batch-size", "1", "--chunk-size", "2", "--repo", str(imagenet_repo)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        journal = state_dir(out) / "journal.jsonl"
+        deadline = time.monotonic() + 120  # only catches a hang
+        while proc.poll() is None and time.monotonic() < deadline and not (journal.exists() and journal.stat().st_size):
+            time.sleep(0.01)
+        workers = _descendants(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the job ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, not its process group
+        proc.wait()
+        assert _survivors(workers, within_s=5.0) == {}
+    finally:  # never leave a process running, whatever failed
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _survivors(_descendants(proc.pid) | workers, within_s=0):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_without_prctl_a_worker_polls_for_its_parent(tmp_path: Path) -> None:
+    """Where PR_SET_PDEATHSIG is missing, a worker notices that its parent is gone by polling."""
+    code = (
+        "import os, sys, time\n"
+        "import service.batch.local as local\n"
+        "local._set_pdeathsig = lambda sig: False\n"
+        "local.PARENT_POLL_S = 0.05\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    local.die_with_parent(os.getppid())\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    started = _descendants(proc.pid)
+    assert worker in started
+    proc.kill()
+    proc.wait()
+    survivors = _survivors({worker: started[worker]}, within_s=5.0)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == {}
 
 
 # --- Ray ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import digit_images, write_image
 
+from tests.support.images import digit_images, write_image
 from training.config import DataConfig
 from training.data import DataError, load_splits
 

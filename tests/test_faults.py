@@ -22,9 +22,21 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import ROOT
-from diskfaults import Faults
-from test_reload import (
+
+from imgclf.devserver import LiveServer
+from service.atomic import atomic_write_json
+from service.http.admission import MIN_SAMPLES, Admission, LoadEstimate
+from service.repository import (
+    ALIASES,
+    MODEL_FILE,
+    ModelRepository,
+    RepositoryError,
+    VerificationError,
+)
+from service.settings import Settings
+from tests.support import ROOT
+from tests.support.diskfaults import Faults
+from tests.support.servers import (
     NAME,
     TOKEN,
     add_copy,
@@ -36,18 +48,6 @@ from test_reload import (
     served_version,
     switch_to,
 )
-
-from imgclf.devserver import LiveServer
-from service.admission import MIN_SAMPLES, Admission, LoadEstimate
-from service.atomic import atomic_write_json
-from service.repository import (
-    ALIASES,
-    MODEL_FILE,
-    ModelRepository,
-    RepositoryError,
-    VerificationError,
-)
-from service.settings import Settings
 
 QUEUE, BUDGET_MS = 16, 400  # admission settings of the test server (a 2-core machine does ~30 images/s)
 
@@ -211,7 +211,9 @@ def test_overload_is_refused_fast_and_the_service_recovers(server: LiveServer, t
     assert load["refused"] > 0 and load["ok"] > 0, summary
     assert load["statuses"].keys() <= {"200", "503"} and load["other_errors"] == 0, summary
     assert load["refused_with_retry_after"] == load["refused_as_json_overloaded"] == load["refused"], summary
-    assert load["refused_p50_ms"] < min(200.0, load["ok_p50_ms"] / 3), summary
+    # Latencies are compared only with others of the same run, or with the budget the server enforces by its own
+    # measured service time, never with a fixed number of ms: the ratios hold on a busy machine, fixed bounds do not.
+    assert load["refused_p50_ms"] < load["ok_p50_ms"] / 3, summary
     assert result["refusals_counted_in_metrics"] == result["refusals_in_all_phases"], summary
     # accepted requests keep a bounded latency (without admission it grows with the backlog: seconds)
     assert load["ok_p99_ms"] < 5 * BUDGET_MS, summary
@@ -332,8 +334,9 @@ def test_killed_worker_is_replaced_and_the_service_recovers_by_itself(server: Li
     (replacement,) = workers(server)
     assert replacement.pid != victim.pid and server.proc.poll() is None
     failed = [a for a in answers if a[2] != 200]
-    assert all(killed_at - 2 < sent < ready_at for sent, _, _ in failed), failed  # only while it was down
-    assert all(status == 200 for sent, _, status in answers if sent < killed_at - 2 or sent > ready_at)
+    # only while it was down: answered after the kill, sent before it was ready again (whatever the timing)
+    assert all(answered >= killed_at and sent < ready_at for sent, answered, _ in failed), failed
+    assert all(status == 200 for sent, answered, status in answers if answered < killed_at or sent > ready_at)
     assert ready_at - killed_at < 60
     print(f"worker {victim.pid} killed; replaced by {replacement.pid}; ready again after {ready_at - killed_at:.1f}s; "
           f"{len(failed)} requests failed: {sorted({str(s) for _, _, s in failed})}")
@@ -402,7 +405,7 @@ def test_export_killed_at_every_step_leaves_no_partial_version(imagenet_repo: Pa
     aliases = repo.aliases(NAME)
 
     def killed(action: str, k: int) -> bool:
-        result = subprocess.run([sys.executable, str(ROOT / "tests" / "diskfaults.py"), str(repo.root), NAME, action,
+        result = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "diskfaults.py"), str(repo.root), NAME, action,
                                  str(k)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode in (0, -signal.SIGKILL), result.stderr[-2000:]
         return result.returncode == -signal.SIGKILL

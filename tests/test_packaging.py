@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT
 from packaging.requirements import Requirement
 
+from tests.support import ROOT
+
 # rich and fsspec (batch jobs) come with bentoml anyway; listed because the service imports them
-SERVING_PACKAGES = {"onnxruntime", "numpy", "pillow", "pydantic", "bentoml", "typer", "rich", "fsspec"}
+SERVING_PACKAGES = {"onnxruntime", "numpy", "pillow", "pillow-heif", "pydantic", "bentoml", "typer", "rich", "fsspec",
+                    "grpcio", "protobuf", "uvloop", "httptools"}
 FORBIDDEN_PACKAGES = {
     "torch", "torchvision", "timm", "onnx", "onnxscript", "scikit-learn", "matplotlib",
 }
@@ -81,7 +83,7 @@ def checkout_bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- the bento ----------------------------------------------------------------------------------
 def test_bento_names_the_service_and_its_environment(checkout_bento: Path) -> None:
     info = yaml.safe_load((checkout_bento / "bento.yaml").read_text())
-    assert info["service"] == "service.app:Classifier"
+    assert info["service"] == "service.http.app:Classifier"
     assert info["name"] == "imgclf"
     assert info["entry_service"] == "Classifier"
     envs = {e["name"]: e["value"] for e in info["envs"]}
@@ -107,8 +109,8 @@ def test_bento_has_exactly_the_serving_packages(checkout_bento: Path) -> None:
 
 def test_bento_holds_the_service_code_only(checkout_bento: Path) -> None:
     files = bento_files(checkout_bento)
-    service_sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "service").glob("*.py")}
-    assert "service/app.py" in files
+    service_sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "service").rglob("*.py")}
+    assert "service/http/app.py" in files
     assert service_sources <= files
     for folder in ("training/", "tests/", "imgclf/", "benchmarks/", ".venv/", ".git/"):
         assert not any(f.startswith(folder) for f in files), folder
@@ -121,7 +123,7 @@ def test_build_without_a_model_repository(tmp_path: Path) -> None:
     ctx = copy_project(tmp_path / "project")
     assert not (ctx / "models").exists()
     files = bento_files(build_bento(ctx))
-    assert "service/app.py" in files
+    assert "service/http/app.py" in files
     assert not any(f.startswith("models/") for f in files)
 
 

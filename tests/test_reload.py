@@ -3,88 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import images
 import numpy as np
 import pytest
 
-from imgclf.devserver import LiveServer, running_server
-from service.manifest import Manifest
-from service.repository import MANIFEST, MODEL_FILE, ModelRepository
-
-NAME = "imagenet-lite0"
-TOKEN = "test-admin-token-3f9c"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def add_copy(repo: ModelRepository, source: int = 1) -> int:
-    """A new version with the same weights: a cheap stand-in for a retrained model."""
-    src = repo.get(NAME, source)
-
-    def write(staging: Path, version: int) -> Manifest:
-        for file in src.path.iterdir():
-            if file.is_file() and file.name != MANIFEST:
-                shutil.copyfile(file, staging / file.name)
-        return src.manifest.model_copy(update={"version": version, "files": {}})
-
-    return repo.add_version(NAME, write).manifest.version
-
-
-def corrupt(repo: ModelRepository, version: int) -> None:
-    path = repo.root / NAME / str(version) / MODEL_FILE
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
-    path.write_bytes(bytes(data))
-
-
-def copy_repo(source: Path, target: Path) -> ModelRepository:
-    """A private copy of the session's bootstrapped repository (never mutate the shared one)."""
-    shutil.copytree(source, target)
-    return ModelRepository(target)
-
-
-@contextmanager
-def serve(repo: Path, home: Path, **env: str) -> Iterator[LiveServer]:
-    with running_server(repo, home, {"IMGCLF_MAX_BATCH_SIZE": "8", **env},  # small warm-up: reloads stay quick
-                        client_timeout_s=60) as live:
-        yield live
-
-
-IMAGE = images.encode(images.photo((96, 72)).convert("RGB"), "JPEG", quality=90)
-
-
-def classify(client: httpx.Client) -> httpx.Response:
-    return client.post("/classify", files={"image": ("cat.jpg", IMAGE)}, data={"top_k": "1"})
-
-
-def served_version(client: httpx.Client) -> int:
-    response = classify(client)
-    assert response.status_code == 200, response.text
-    return response.json()["version"]
-
-
-def reload(client: httpx.Client) -> httpx.Response:
-    return client.post("/admin/reload", headers=AUTH)
-
-
-def switch_to(server: LiveServer, repo: ModelRepository, version: int) -> dict:
-    repo.promote(NAME, version)
-    response = reload(server.client)
-    assert response.status_code == 200, response.text
-    assert response.json()["models"] == [{"name": NAME, "version": version}]
-    return response.json()
-
+from imgclf.devserver import LiveServer
+from service.repository import ModelRepository
+from tests.support.servers import (
+    AUTH,
+    NAME,
+    TOKEN,
+    add_copy,
+    classify,
+    copy_repo,
+    corrupt,
+    reload,
+    serve,
+    served_version,
+    switch_to,
+)
 
 # --- fixtures: one repository copy and one server for the single-worker scenarios ----------------------
 
@@ -112,12 +54,14 @@ def test_admin_is_off_without_a_token() -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from service.admin import AdminRoute
+    from service.http.admin import AdminRoute
+    from service.http.catalog import LiveCatalog
     from service.settings import Settings
 
     inner = Starlette(routes=[Route("/ping", lambda _: PlainTextResponse("pong"))])
     for token in (None, ""):
-        app = AdminRoute(inner, token=Settings.from_env({} if token is None else {"IMGCLF_ADMIN_TOKEN": token}).admin_token)
+        settings = Settings.from_env({} if token is None else {"IMGCLF_ADMIN_TOKEN": token})
+        app = AdminRoute(inner, live=LiveCatalog(settings), token=settings.admin_token)
         with TestClient(app) as client:
             for path in ("/admin/reload", "/admin", "/admin/anything"):
                 response = client.post(path, headers=AUTH)
@@ -295,7 +239,7 @@ def test_all_workers_converge_after_one_admin_reload(
 
 def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Path) -> None:
     """Reload builds beside, swaps whole, lets leases finish, then stops the old batching task and session."""
-    from service.catalog import Catalog, LiveCatalog, ReloadRefusedError
+    from service.http.catalog import Catalog, LiveCatalog, ReloadRefusedError
     from service.settings import Settings
 
     repo = copy_repo(imagenet_repo, tmp_path / "models")
@@ -318,7 +262,7 @@ def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Pat
             assert swaps[-1] == ([f"{NAME}:{v2}"], [f"{NAME}:1"])
             assert not held.closed  # the request in flight keeps its engine
             await held.infer(tensor)
-        assert old.closed and old.session is None  # ... and the session went when its last lease ended
+        assert old.closed and old.model.session is None  # ... and the session went when its last lease ended
         await asyncio.sleep(0.05)
         assert old._task is not None and old._task.done()  # its batching task stopped
         with live.lease(None) as engine:
@@ -341,13 +285,14 @@ def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Pat
 
 def test_watcher_follows_promotions_and_does_not_retry_a_refused_version(imagenet_repo: Path, tmp_path: Path) -> None:
     """What converges the other workers: polling the aliases, reloading once per change."""
-    from service.catalog import Catalog, LiveCatalog
-    from service.settings import Settings
+    from service.http.catalog import Catalog, LiveCatalog
+    from service.settings import Settings, usable_cores
 
     repo = copy_repo(imagenet_repo, tmp_path / "models")
     v2 = add_copy(repo)
     settings = Settings(model_repo=repo.root, device="cpu", max_batch_size=1, poll_seconds=0.05)
-    assert Settings(workers=2).watch_seconds == 2.0 and Settings().watch_seconds == 0  # on by default with workers
+    assert Settings(workers=2).watch_seconds == 2.0 and Settings(workers=1).watch_seconds == 0  # on with workers
+    assert Settings().watch_seconds == (2.0 if usable_cores() > 1 else 0)  # default: a worker per core
     live = LiveCatalog(settings, Catalog.load(settings))
     attempts = 0
     reload = live.reload

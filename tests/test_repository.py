@@ -10,7 +10,6 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import ROOT
 from onnx import TensorProto, helper
 
 from service.manifest import ExportProvenance, InputSpec, Manifest, OutputSpec
@@ -22,6 +21,8 @@ from service.repository import (
     RepositoryError,
     VerificationError,
 )
+from tests.support import ROOT
+from tests.support.cli import imgclf
 
 
 def tiny_onnx(path: Path) -> None:
@@ -179,8 +180,6 @@ def test_cannot_promote_a_tampered_version(repo: ModelRepository) -> None:
 
 
 def test_models_cli_without_torch(repo: ModelRepository) -> None:
-    from test_cli import imgclf
-
     repo.add_version("tiny", writer("tiny"))
     repo.add_version("tiny", writer("tiny"))
     root = str(repo.root)

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import images
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 
 from imgclf.devserver import running_server
-from service.engine import create_session, run_logits, softmax
 from service.repository import ModelRepository
+from service.runtime import create_session, run_logits, softmax
+from tests.support import ROOT, images
+from tests.support.cli import imgclf
 
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 MAX_UPLOAD = 2 * 1024 * 1024
@@ -260,7 +260,7 @@ def test_health_metrics_and_docs(server: httpx.Client) -> None:
 def test_service_imports_no_torch() -> None:
     code = (
         "import sys\n"
-        "import service.app\n"
+        "import service.http.app\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'training'))\n"
         "assert not heavy, heavy\n"
     )
@@ -271,8 +271,8 @@ def test_service_imports_no_torch() -> None:
 def test_cuda_requested_without_cuda_is_a_startup_error(repo_dir: Path) -> None:
     import onnxruntime
 
-    from service.catalog import Catalog
-    from service.engine import EngineError
+    from service.http.catalog import Catalog
+    from service.runtime import EngineError
     from service.settings import Settings
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
@@ -282,18 +282,8 @@ def test_cuda_requested_without_cuda_is_a_startup_error(repo_dir: Path) -> None:
 
 
 def test_serve_without_models_says_what_to_do(tmp_path: Path) -> None:
-    from test_cli import imgclf
-
     result = imgclf("serve", "--repo", str(tmp_path / "empty"), without_train=True)
     assert result.returncode == 2 and "imgclf bootstrap" in result.stderr
-
-
-def test_readme_documents_every_setting() -> None:
-    from service.settings import Settings
-
-    readme = (ROOT / "README.md").read_text()
-    missing = [f"IMGCLF_{name.upper()}" for name in Settings.model_fields if f"`IMGCLF_{name.upper()}`" not in readme]
-    assert not missing
 
 
 def test_settings_from_environment() -> None:

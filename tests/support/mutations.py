@@ -3,7 +3,7 @@
 Random bit flips mostly break a checksum or the first marker and stop the
 decoder early. To reach deeper, a file is first read as its format's units
 (PNG chunks, JPEG segments and scans, GIF blocks, TIFF directory entries,
-RIFF chunks of WebP) and integer header fields (dimensions, counts, offsets,
+RIFF chunks of WebP, ISO BMFF boxes of AVIF and HEIF) and integer header fields (dimensions, counts, offsets,
 lengths, flags), and mutations act on those: a field set to a boundary value,
 a chunk duplicated, dropped, swapped or borrowed from another file of the same
 format, a cut at a chunk boundary. PNG checksums can be repaired afterwards so
@@ -13,10 +13,12 @@ they return what they found so far.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 from hypothesis import strategies as st
 
 
@@ -218,7 +220,51 @@ def _bmp(data: bytes, out: Anatomy) -> None:
         out.chunks.append((header_end, offset))  # colour table
 
 
-_READERS = {"PNG": _png, "JPEG": _jpeg, "GIF": _gif, "WEBP": _webp, "TIFF": _tiff, "BMP": _bmp}
+_BMFF_CONTAINERS = {b"meta": 4, b"iprp": 0, b"ipco": 0, b"dinf": 0, b"iref": 4, b"iinf": -1}
+
+
+def _bmff(data: bytes, out: Anatomy, start: int = 0, end: int | None = None, depth: int = 0) -> None:
+    """AVIF/HEIF boxes: every box is a chunk and its size a field; ispe, irot, pixi, pitm, ipma, iloc
+    and reference fields too (the ones the header probe and libheif/libavif branch on)."""
+    end = len(data) if end is None else end
+    pos = start
+    for _ in range(_MAX_UNITS):
+        if pos + 8 > end or depth > 4:
+            return
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        out.fields.append(Field(pos, 4, "big"))
+        body, box_end = pos + 8, min(pos + size, end) if size >= 8 else end
+        if kind == b"ispe":
+            out.fields += [Field(body + 4, 4, "big"), Field(body + 8, 4, "big")]
+        elif kind in (b"irot", b"imir"):
+            out.fields.append(Field(body, 1, "big"))
+        elif kind == b"pixi":
+            out.fields += [Field(body + 4 + i, 1, "big") for i in range(4)]
+        elif kind == b"pitm":
+            out.fields.append(Field(body + 4, 2, "big"))
+        elif kind == b"ipma":  # version/flags, entry count, first entry's item id and association count
+            out.fields += [Field(body, 4, "big"), Field(body + 4, 4, "big"), Field(body + 8, 2, "big"),
+                           Field(body + 10, 1, "big")]
+            out.fields += [Field(body + 11 + i, 1, "big") for i in range(min(data[body + 10], 8))]
+        elif kind == b"iloc":  # version, offset/length sizes, item count, first item's extent
+            out.fields += [Field(body, 1, "big"), Field(body + 4, 1, "big"), Field(body + 6, 2, "big")]
+            out.fields += [Field(body + i, 4, "big") for i in range(14, min(box_end - body, 26) - 3, 4)]
+        elif kind in (b"dimg", b"auxl", b"thmb", b"cdsc"):  # from, count, first targets
+            out.fields += [Field(body + 2 * i, 2, "big") for i in range(4)]
+        elif kind == b"ftyp":
+            out.fields += [Field(body, 4, "big"), Field(body + 8, 4, "big")]
+        out.chunks.append((pos, box_end))
+        skip = _BMFF_CONTAINERS.get(kind)
+        if skip is not None:
+            skip = skip if skip >= 0 else (6 if data[body] == 0 else 8)  # iinf: full box + entry count
+            _bmff(data, out, body + skip, box_end, depth + 1)
+        if size < 8:
+            return
+        pos += size
+
+
+_READERS = {"PNG": _png, "JPEG": _jpeg, "GIF": _gif, "WEBP": _webp, "TIFF": _tiff, "BMP": _bmp,
+            "AVIF": _bmff, "HEIF": _bmff}
 
 
 def sniff(data: bytes) -> str | None:
@@ -234,6 +280,8 @@ def sniff(data: bytes) -> str | None:
         return "TIFF"
     if data[:2] == b"BM":
         return "BMP"
+    if data[4:8] == b"ftyp":
+        return "AVIF" if data[8:12] in (b"avif", b"avis") or b"avif" in data[16:48] else "HEIF"
     return None
 
 
@@ -342,9 +390,14 @@ def real_seeds() -> dict[str, bytes]:
 
     Small (64x48) so thousands of mutants decode in seconds; each format's structure is all there.
     """
-    from images import asymmetric, encode, icc_profile, photo, with_orientation
+    import pillow_heif
 
+    from .images import asymmetric, encode, icc_profile, photo, with_orientation
+
+    pillow_heif.register_heif_opener()  # HEIF files are written with pillow-heif's plugin
     cat, coffee = photo((64, 48)), photo((64, 48), which="coffee")
+    cat16 = (np.asarray(cat, dtype=np.uint16) * 257).tobytes()
+    heif_10bit = pillow_heif.from_bytes(mode="RGB;16", size=cat.size, data=cat16)
     rgba = cat.convert("RGBA")
     rgba.putalpha(180)
     grey16 = cat.convert("I;16")
@@ -381,4 +434,19 @@ def real_seeds() -> dict[str, bytes]:
         "tiff-multipage": encode(cat, "TIFF", **two),
         "bmp": encode(cat, "BMP"),
         "bmp-palette": encode(cat.convert("P"), "BMP"),
+        "avif": encode(cat, "AVIF", quality=70),
+        "avif-alpha-icc": encode(rgba, "AVIF", icc_profile=icc_profile(1.0)),
+        "avif-rotated": with_orientation(asymmetric(48, 32), 6, "AVIF"),
+        "avif-grey": encode(cat.convert("L"), "AVIF"),
+        "heif": encode(cat, "HEIF", quality=70),
+        "heif-alpha-icc": encode(rgba, "HEIF", icc_profile=icc_profile(1.0)),
+        "heif-rotated-mirrored": with_orientation(asymmetric(48, 32), 5, "HEIF"),
+        "heif-grid": encode(coffee, "HEIF", tile_size=32),
+        "heif-10bit": _save_heif(heif_10bit),
     }
+
+
+def _save_heif(heif: object) -> bytes:
+    buf = io.BytesIO()
+    heif.save(buf, quality=70)  # type: ignore[attr-defined]
+    return buf.getvalue()

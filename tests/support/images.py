@@ -1,4 +1,4 @@
-"""Helpers that write real image files for the preprocessing tests.
+"""Helpers that write real image files: photos, digits and hand-built headers for the decoder tests.
 
 Everything is built with Pillow or by hand (PNG chunks, ICC profiles, bomb
 headers) so the tests control exactly which bytes the decoder sees.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -311,3 +312,25 @@ def many_frame_gif(frames: int) -> tuple[bytes, tuple[int, int, int]]:
     gct = 3 << ((a[10] & 7) + 1) if a[10] & 0x80 else 0
     frame_b = b[13 + gct : -1]  # everything between the colour table and the trailer
     return a[:-1] + frame_b * (frames - 1) + b";", (255, 0, 0)
+
+
+def digit_images(per_class: int, classes: tuple[int, ...] = tuple(range(10))) -> dict[int, list[np.ndarray]]:
+    """Real handwritten digits from scikit-learn, as 8-bit 8x8 grey arrays, per class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out: dict[int, list[np.ndarray]] = {c: [] for c in classes}
+    for image, target in zip(digits.images, digits.target, strict=True):
+        if target in out and len(out[target]) < per_class:
+            out[target].append(np.round(image * 255 / 16).astype(np.uint8))
+    return out
+
+
+def write_image(path: Path, array: np.ndarray, fmt: str | None = None, size: int = 32) -> Path:
+    """Save a digit upscaled to ``size`` so every format (JPEG included) keeps it legible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array).resize((size, size), Image.Resampling.NEAREST)
+    if (fmt or path.suffix.lstrip(".").upper()) in ("JPG", "JPEG", "WEBP"):
+        img = img.convert("RGB")
+    img.save(path, format=fmt)
+    return path

@@ -6,7 +6,7 @@ half of the bytes of a write have landed: a disk filling up mid-file) or SIGKILL
 (after the same half write: a crash). Counting every step and failing each one in turn covers
 "interrupted at any point" without knowing the code's structure in advance.
 
-Kept free of heavy imports so a subprocess can use it (``python tests/diskfaults.py``).
+Kept free of heavy imports so a subprocess can use it (``python tests/support/diskfaults.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""What the server tests share: private repository copies, `imgclf serve` subprocesses, their requests.
+
+Every scenario uses the session's bootstrapped ``imagenet-lite0`` repository (the ``imagenet_repo``
+fixture), copied before it is changed, and a real server started with ``serve``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from imgclf.devserver import LiveServer, running_server
+from service.manifest import Manifest
+from service.repository import MANIFEST, MODEL_FILE, ModelRepository
+
+from . import images
+
+NAME = "imagenet-lite0"
+TOKEN = "test-admin-token-3f9c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def copy_repo(source: Path, target: Path) -> ModelRepository:
+    """A private copy of the session's bootstrapped repository (never mutate the shared one)."""
+    shutil.copytree(source, target)
+    return ModelRepository(target)
+
+
+def add_copy(repo: ModelRepository, source: int = 1) -> int:
+    """A new version with the same weights: a cheap stand-in for a retrained model."""
+    src = repo.get(NAME, source)
+
+    def write(staging: Path, version: int) -> Manifest:
+        for file in src.path.iterdir():
+            if file.is_file() and file.name != MANIFEST:
+                shutil.copyfile(file, staging / file.name)
+        return src.manifest.model_copy(update={"version": version, "files": {}})
+
+    return repo.add_version(NAME, write).manifest.version
+
+
+def corrupt(repo: ModelRepository, version: int) -> None:
+    """Flip 64 bytes in the middle of a version's model file: its sha256 no longer matches."""
+    path = repo.root / NAME / str(version) / MODEL_FILE
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+@contextmanager
+def serve(repo: Path, home: Path, **env: str) -> Iterator[LiveServer]:
+    """`imgclf serve` on ``repo`` with ``env`` added; the 60 s client timeout only catches hangs.
+
+    One worker unless ``env`` says otherwise: these scenarios follow one worker's reloads and state.
+    """
+    with running_server(repo, home, {"IMGCLF_MAX_BATCH_SIZE": "8", "IMGCLF_WORKERS": "1", **env},  # quick reloads
+                        client_timeout_s=60) as live:
+        yield live
+
+
+def jpeg_photo(size: tuple[int, int] = (96, 72), quality: int = 90) -> bytes:
+    """A real photo of a cat as JPEG bytes."""
+    return images.encode(images.photo(size).convert("RGB"), "JPEG", quality=quality)
+
+
+IMAGE = jpeg_photo()
+
+
+def classify(client: httpx.Client) -> httpx.Response:
+    return client.post("/classify", files={"image": ("cat.jpg", IMAGE)}, data={"top_k": "1"})
+
+
+def served_version(client: httpx.Client) -> int:
+    response = classify(client)
+    assert response.status_code == 200, response.text
+    return response.json()["version"]
+
+
+def reload(client: httpx.Client) -> httpx.Response:
+    return client.post("/admin/reload", headers=AUTH)
+
+
+def switch_to(server: LiveServer, repo: ModelRepository, version: int) -> dict:
+    """Promote ``version`` and reload: the server must answer that it now serves it."""
+    repo.promote(NAME, version)
+    response = reload(server.client)
+    assert response.status_code == 200, response.text
+    assert response.json()["models"] == [{"name": NAME, "version": version}]
+    return response.json()
