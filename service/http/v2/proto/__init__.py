@@ -1,0 +1,6 @@
+"""gRPC stubs of the Open Inference Protocol (KServe V2), generated and committed.
+
+``grpc_predict_v2.proto`` is KServe's file unchanged; ``triton_model_config.proto`` is the subset of
+Triton's ModelConfig RPC that perf_analyzer needs. How they were generated, and how to regenerate
+them: README.md here and ``python -m service.http.v2.proto.generate``.
+"""

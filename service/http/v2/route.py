@@ -1,0 +1,166 @@
+"""The V2 REST routes (Open Inference Protocol over HTTP), as one plain ASGI middleware.
+
+BentoML APIs are POST-only and cannot have path parameters, and V2 puts the model and version in the
+path (``/v2/models/{m}/versions/{v}/infer``), so this answers every path under ``/v2`` itself. It sits
+before the request guard (its answers are V2's ``{"error"}``, not rewritten into the multipart routes'
+error object) and reads bodies through the worker's one :class:`~service.http.body.BodyReader`, so the
+cap on bodies in progress, the size limit (``IMGCLF_MAX_REQUEST_BYTES``) and the slow-upload defences
+are shared with /classify. Admission, the batching queue and hot reload: :mod:`.serving`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from service.http.body import BodyReader
+from service.http.errors import ASGIApp, Receive, Scope, Send
+from service.http.v2 import rest
+from service.http.v2.errors import V2Error
+from service.http.v2.facts import model_config, model_metadata, server_metadata
+from service.http.v2.serving import Overloaded, V2Service
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/v2"
+_MODEL = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>ready|config|infer))?/?")
+_SERVER = {"/v2": "server", "/v2/health/live": "live", "/v2/health/ready": "ready"}
+PARSE_OFF_LOOP_BYTES = 256 * 1024  # bigger bodies are parsed in a thread (base64 JSON of many photos)
+
+
+@dataclass(frozen=True)
+class Route:
+    action: str  # server | live | ready | model | model_ready | config | infer
+    model: str = ""
+    version: str | None = None
+
+    @property
+    def method(self) -> str:
+        return "POST" if self.action == "infer" else "GET"
+
+
+def match(raw_path: str) -> Route | None:
+    """The V2 route of a still percent-encoded path (an encoded ``/`` stays inside its segment)."""
+    path = raw_path.rstrip("/") or "/"
+    if path in _SERVER:
+        return Route(_SERVER[path])
+    m = _MODEL.fullmatch(path)
+    if m is None:
+        return None
+    action = {None: "model", "ready": "model_ready"}.get(m["action"], m["action"])
+    version = m["version"]
+    return Route(action, unquote(m["model"]), None if version is None else unquote(version))
+
+
+def _is_v2(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+class V2Routes:
+    """ASGI middleware: every ``/v2`` path; anything else goes on to the app."""
+
+    def __init__(self, app: ASGIApp, service: V2Service, bodies: BodyReader, max_body: int) -> None:
+        self.app = app
+        self.service = service
+        self.bodies = bodies
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_v2(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        raw = scope.get("raw_path")
+        route = match(raw.decode("latin-1").partition("?")[0] if raw else scope["path"])
+        method = scope["method"]
+        if route is None:
+            answer = self._error(V2Error(404, f"no V2 endpoint {method} {scope['path'][:200]}; the API is "
+                                              "described at /docs.json", kind="not_found"))
+        elif method != route.method and not (method == "HEAD" and route.method == "GET"):
+            answer = self._error(V2Error(405, f"method not allowed: {method} {scope['path'][:200]}; "
+                                              f"use {route.method}", kind="method_not_allowed"))
+            await _send(send, answer, [(b"allow", route.method.encode())], method)
+            return
+        elif route.action == "infer":
+            await self._infer(scope, receive, send, route)
+            return
+        else:
+            answer = self._document(route)
+        await _send(send, answer, [], method)
+
+    def _error(self, error: V2Error) -> rest.RestResponse:
+        return rest.error_response(self.service.failed(error))
+
+    def _document(self, route: Route) -> rest.RestResponse:
+        """Health, server and model metadata, model config: answered from the current catalog."""
+        if route.action == "live":
+            return rest.json_response({"live": True})
+        if route.action == "ready":
+            problem = self.service.not_ready()
+            if problem is not None:
+                return rest.json_response({"error": problem}, 503)
+            return rest.json_response({"ready": True})
+        if route.action == "server":
+            return rest.json_response(server_metadata())
+        try:
+            facts = self.service.model_facts(route.model, route.version)
+        except V2Error as exc:
+            return self._error(exc)
+        if route.action == "model_ready":
+            return rest.json_response({"name": facts.name, "ready": True})
+        if route.action == "config":
+            return rest.json_response(model_config(facts))
+        return rest.json_response(model_metadata(facts))
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+        headers = dict(scope.get("headers") or [])
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if encoding not in ("", "identity"):
+            error = V2Error(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
+                            kind="unsupported_media_type")
+            await _send(send, self._error(error), [], "POST")
+            return
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            self.service.check_admission()  # an overloaded worker refuses before reading the body, as for /classify
+        except Overloaded as exc:
+            await _send(send, self._error(exc), [(b"retry-after", str(exc.retry_after).encode())], "POST")
+            return
+        body = await self.bodies.read(scope, receive, send, self.max_body)
+        if body is None:  # refused (answered) or the client went away
+            return
+        length = headers.get(rest.HEADER_LENGTH.lower().encode())
+        try:
+            answer = await self._answer(body, None if length is None else length.decode("latin-1"), route)
+        except Overloaded as exc:
+            answer, extra = self._error(exc), [(b"retry-after", str(exc.retry_after).encode())]
+        except V2Error as exc:
+            answer = self._error(exc)
+        except Exception:  # a bug or a model failure: logged, and still a V2 answer
+            log.exception("V2 inference failed")
+            answer = self._error(V2Error(500, "internal error while scoring; see the server log",
+                                         kind="internal_error"))
+        await _send(send, answer, extra, "POST")
+
+    async def _answer(self, body: bytes, header_length: str | None, route: Route) -> rest.RestResponse:
+        service = self.service
+        with service.admitted():
+            catalog = service.live.current  # once per request: a reload swaps it whole
+            served = service.pick(catalog, route.model, route.version)
+            with served.lease():  # no await between the pick and the lease
+                facts = service.facts(catalog, served)
+                if len(body) > PARSE_OFF_LOOP_BYTES:
+                    request = await asyncio.to_thread(rest.parse_request, body, header_length, facts)
+                else:
+                    request = rest.parse_request(body, header_length, facts)
+                answer = await service.infer_answer(served, request, facts)
+                return rest.encode_response(request, answer.outputs, answer.parameters)
+
+
+async def _send(send: Send, answer: rest.RestResponse, extra: list[tuple[bytes, bytes]], method: str) -> None:
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+    headers += [(b"content-length", str(len(answer.body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else answer.body})
