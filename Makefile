@@ -20,6 +20,7 @@ serve: setup
 	$(VENV)/bin/imgclf serve --port 3000
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 lint: setup

@@ -72,8 +72,8 @@ def manifest(path: Path, files: list[Path], inputs: int) -> Path:
 def ceiling(files: list[Path], model_path: Path, spec: Any, cores: int) -> dict[str, Any]:
     """Core-seconds per image for decode+preprocess and for inference at each batch size."""
     from service.batch.inputs import read_input
-    from service.engine import create_session, run_logits
     from service.preprocessing import DecodeLimits, image_to_tensor
+    from service.runtime import create_session, run_logits
 
     limits = DecodeLimits()
     for f in files[:4]:  # warm the page cache and Pillow

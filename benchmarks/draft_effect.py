@@ -39,9 +39,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from service.engine import create_session, run_logits, softmax
     from service.preprocessing import image_to_tensor
     from service.repository import ModelRepository
+    from service.runtime import create_session, run_logits, softmax
     from training.sample_images import real_photos
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from benchmarks.machine import RESULTS, machine_info, write_results
 
 
 def images_per_second(session, batch: np.ndarray, repeats: int) -> float:
-    from service.engine import run_logits
+    from service.runtime import run_logits
 
     run_logits(session, batch)  # warm-up
     start = time.perf_counter()
@@ -42,8 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from service.engine import create_session
     from service.repository import ModelRepository
+    from service.runtime import create_session
     from training.config import resolve_config
     from training.export import export, from_run, preprocess_all
     from training.train import train

@@ -75,8 +75,8 @@ def main() -> None:
 
     import torch
 
-    from service.engine import create_session, run_logits
     from service.preprocessing import image_to_tensor
+    from service.runtime import create_session, run_logits
     from training.sample_images import real_photos
 
     cores = os.cpu_count() or 1

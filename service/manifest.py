@@ -13,7 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.drift import DriftReference
+from service.explain import ExplainSpec  # service.explain never imports the manifest: no cycle
 from service.preprocessing.spec import PreprocessSpec
+from service.selective import Selective
 
 #: 2 adds optional fields (explanations, selective prediction, drift reference); version 1 files still load.
 SCHEMA_VERSION = 2
@@ -116,5 +119,11 @@ class Manifest(_Strict):
     training: TrainingProvenance = Field(default_factory=TrainingProvenance)
     export: ExportProvenance
     files: dict[str, FileEntry] = Field(description="every other file of the version, by name")
+    selective: Selective | None = Field(default=None, description="the confidence threshold chosen at export "
+                                        "(service/selective.py); absent in manifests written before it")
+    reference: DriftReference | None = Field(default=None, description="what drift is measured against "
+                                             "(service/drift.py); absent without a validation set")
+    explain: ExplainSpec | None = Field(default=None, description="how POST /explain explains this model (CAM, "
+                                        "Grad-CAM or occlusion); absent in manifests written before: occlusion")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: validate_name(v)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,10 +59,24 @@ def create_session(
     return session
 
 
+LOGITS = "logits"  # the output export names; a graph for explanations adds "features" beside it
+
+
+def logits_output(session: ort.InferenceSession) -> str:
+    """The logits output by name: ``logits`` when the graph has one, else its first output (older files)."""
+    names = [o.name for o in session.get_outputs()]
+    return LOGITS if LOGITS in names else names[0]
+
+
+def run_outputs(session: ort.InferenceSession, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
+    """The named outputs for a float32 NCHW batch (ONNX Runtime computes only what they need)."""
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)}
+    return [np.asarray(out, dtype=np.float32) for out in session.run(list(names), feed)]
+
+
 def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-    """Logits for a float32 NCHW batch."""
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0].astype(np.float32)
+    """Logits for a float32 NCHW batch; only the logits output is asked for, even when the graph has more."""
+    return run_outputs(session, [logits_output(session)], batch)[0]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -91,6 +106,7 @@ class OnnxModel:
     session: ort.InferenceSession | None
     load_seconds: float = 0.0
     _provider: str | None = field(default=None, repr=False)
+    directory: Path | None = None  # the version directory, when loaded from a file (explanations read it)
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | bytes, manifest: Manifest, device: Device = "cpu",
@@ -98,7 +114,8 @@ class OnnxModel:
         """``model`` is the ONNX file's path, or its bytes (what a Ray actor on another node receives)."""
         start = time.perf_counter()
         session = create_session(model, device, threads)
-        return cls(manifest, session, time.perf_counter() - start)
+        directory = None if isinstance(model, bytes) else Path(model).parent
+        return cls(manifest, session, time.perf_counter() - start, directory=directory)
 
     @property
     def key(self) -> str:
@@ -122,9 +139,17 @@ class OnnxModel:
         for size in WARMUP_BATCH_SIZES:
             if size <= max_batch_size:
                 run_logits(self._session(), np.zeros((size, spec.channels, *spec.input_size), np.float32))
+        explain = self.manifest.explain
+        if explain is not None and explain.feature_output:  # the first POST /explain must not pay for its plan
+            self.run([LOGITS, explain.feature_output], np.zeros((1, spec.channels, *spec.input_size), np.float32))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return run_logits(self._session(), batch)
+
+    def run(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
+        """Several outputs at once, e.g. ``["logits", "features"]`` for explanations (``LOGITS``: by name)."""
+        session = self._session()
+        return run_outputs(session, [logits_output(session) if n == LOGITS else n for n in names], batch)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a batch (temperature from the manifest)."""

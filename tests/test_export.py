@@ -11,17 +11,20 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from service.engine import create_session, run_logits, softmax
 from service.preprocessing import image_to_tensor
 from service.repository import ModelRepository
+from service.runtime import create_session, run_logits, softmax
+from tests.support.cli import imgclf
 from training.config import ModelConfig, resolve_config
 from training.export import (
+    PARITY_RTOL,
     ExportError,
     check_batch_invariance,
     check_graph,
     check_parity,
     export,
     from_run,
+    parity_tolerance,
     preprocess_all,
     to_onnx,
 )
@@ -179,9 +182,100 @@ def test_parity_needs_enough_images(lenet_run: Path, tmp_path: Path) -> None:
         check_parity(exported.model, tmp_path / "m.onnx", preprocess_all(exported.check_images[:10], exported.spec))
 
 
-def test_export_cli(lenet_run: Path, tmp_path: Path) -> None:
-    from test_cli import imgclf
+class _Shift(torch.nn.Module):
+    """PyTorch's side of a parity check whose ONNX side is ``input + bias`` with a bias of our choosing."""
 
+    def __init__(self, bias: np.ndarray) -> None:
+        super().__init__()
+        self.bias = torch.from_numpy(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+def _shift_graph(path: Path, bias: np.ndarray) -> Path:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", len(bias)])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(bias)])
+    graph = helper.make_graph([helper.make_node("Add", ["input", "b"], ["logits"])], "g", [x], [y],
+                              [numpy_helper.from_array(bias.astype(np.float32), "b")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_parity_tolerance_scales_with_the_logits(tmp_path: Path) -> None:
+    """Kernel rounding passes on any CPU; an export that is off by 1e-2 of the logits, or flips a top-1, fails."""
+    rng = np.random.default_rng(0)
+    logits = rng.uniform(-9, 9, size=(32, 4)).astype(np.float32)
+    logits[:, 0] += 20  # class 0 wins every image by a wide margin...
+    logits[0, :2] = [5.0, 4.0]  # ...except image 0, where class 0 leads class 1 by 1
+    bias = np.zeros(4, dtype=np.float32)
+    tolerance = parity_tolerance(_Shift(bias)(torch.from_numpy(logits)).numpy())
+    assert tolerance == pytest.approx(PARITY_RTOL * float(np.abs(logits).max()))
+
+    # 2e-5 of the logits: what float32 kernels without AVX-512 differ by (1.8e-4 on logits of 9), over the
+    # old fixed limit of 1e-4 but far under the scaled one.
+    rounding = _shift_graph(tmp_path / "rounding.onnx", np.full(4, 2e-5 * np.abs(logits).max(), np.float32))
+    figures = check_parity(_Shift(bias), rounding, logits)
+    assert 1e-4 < max(figures.max_abs_logit_diff.values()) <= figures.tolerance == pytest.approx(tolerance)
+    assert figures.top1_agreement == 1.0 and figures.images == 32 and figures.batch_sizes == [1, 7, 32]
+
+    broken = _shift_graph(tmp_path / "broken.onnx", np.array([0, 1e-2 * np.abs(logits).max(), 0, 0], np.float32))
+    with pytest.raises(ExportError, match="disagrees with PyTorch at batch size 1"):
+        check_parity(_Shift(bias), broken, logits)
+
+    # A flipped top-1 fails although every logit is within the limit: the margin (1) is wider than the limit.
+    close = logits.copy()
+    close[0, :2] = [5.0, 5.0 + 1.5 * tolerance]  # class 1 leads by 1.5x the limit
+    flip = _shift_graph(tmp_path / "flip.onnx", np.array([0.8 * tolerance, -0.8 * tolerance, 0, 0], np.float32))
+    with pytest.raises(ExportError, match="top-1 agreement 0.969"):
+        check_parity(_Shift(bias), flip, close)
+    # Two logits within the limit of each other are a tie rounding may break either way: counted, not failed.
+    tie = logits.copy()
+    tie[0, :2] = [5.0, 5.0 + 0.5 * tolerance]
+    swap = _shift_graph(tmp_path / "swap.onnx", np.array([0.4 * tolerance, -0.4 * tolerance, 0, 0], np.float32))
+    figures = check_parity(_Shift(bias), swap, tie)
+    assert figures.top1_near_ties == 1 and figures.top1_agreement == pytest.approx(31 / 32)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """150 training images: the 20% validation split has 30, fewer than the 32 parity needs."""
+    from training.pipeline.data import write_digits
+
+    data, _ = write_digits(tmp_path_factory.mktemp("small_data"), holdout_per_class=0, train_per_class=15)
+    run = tmp_path_factory.mktemp("small_run")
+    train(resolve_config(None, {"model": {"arch": "lenet5"}, "epochs": 2, "data": {"source": str(data)}}), run)
+    return run
+
+
+def test_a_small_validation_split_borrows_training_images_for_parity(small_run: Path, tmp_path: Path) -> None:
+    source = from_run(small_run)
+    assert len(source.eval_samples) == 30
+    assert source.check_images_from == {"validation": 30, "training": 34} and len(source.check_images) == 64
+    version = export(source, ModelRepository(tmp_path / "models"), "digits-small")
+    check = version.manifest.export.parity_check
+    assert check is not None and check.images == 64 and check.image_sources == {"validation": 30, "training": 34}
+    assert check.tolerance == pytest.approx(PARITY_RTOL * max(1.0, check.max_abs_logit))
+    assert max(check.max_abs_logit_diff.values()) <= check.tolerance and check.top1_agreement == 1.0
+    assert check.images_sha256 and check.batch_invariance_max_diff <= 1e-4
+    assert version.manifest.metrics.num_images == 30  # the version's own metrics stay on validation images
+    assert "34 training" in (version.path / "MODEL_CARD.md").read_text()
+
+
+def test_a_dataset_too_small_to_check_says_how_many_images_it_needs(tmp_path: Path) -> None:
+    from training.pipeline.data import write_digits
+
+    data, _ = write_digits(tmp_path / "data", holdout_per_class=0, train_per_class=3)  # 30 images in all
+    train(resolve_config(None, {"model": {"arch": "lenet5"}, "epochs": 1,
+                                "data": {"source": str(data), "val_fraction": 0.34}}), tmp_path / "run")
+    source = from_run(tmp_path / "run")
+    assert source.check_images_from == {"validation": 11, "training": 19}
+    with pytest.raises(ExportError, match=r"parity needs at least 32 images, got 30 \(11 validation, 19 training"):
+        export(source, ModelRepository(tmp_path / "models"), "digits-tiny")
+    assert not (tmp_path / "models" / "digits-tiny").exists()
+
+
+def test_export_cli(lenet_run: Path, tmp_path: Path) -> None:
     repo = str(tmp_path / "models")
     result = imgclf("export", str(lenet_run), "--name", "digits", "--repo", repo, "--promote")
     assert result.returncode == 0, result.stderr
@@ -194,8 +288,6 @@ def test_export_cli(lenet_run: Path, tmp_path: Path) -> None:
 
 
 def test_bootstrap_is_idempotent_and_recognises_real_photos(tmp_path: Path) -> None:
-    from test_cli import imgclf
-
     from training.sample_images import real_photos
 
     repo_dir = tmp_path / "models"

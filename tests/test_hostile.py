@@ -39,7 +39,8 @@ MAX_REQUEST = 4 * 1024 * 1024
 MAX_ARCHIVE = 4 * 1024 * 1024
 MAX_BATCH = 8
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
-UPLOAD_ROUTES = {"/classify": "image", "/classify_batch": "images", "/batch/submit": "archive", "/batch": "archive"}
+UPLOAD_ROUTES = {"/classify": "image", "/classify_batch": "images", "/batch/submit": "archive", "/batch": "archive",
+                 "/explain": "image"}
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +486,7 @@ def _image_bodies() -> Callable[[str, dict], dict]:
     v2_cat = base64.b64encode(cat).decode()
 
     def fill(path: str, body: dict) -> dict:
-        if path in ("/classify",) and "image" in body:
+        if path in ("/classify", "/explain") and "image" in body:
             return {**body, "image": cat}
         if path == "/classify_batch" and "images" in body:
             return {**body, "images": [cat] * max(1, min(len(body["images"]), MAX_BATCH))}

@@ -23,16 +23,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, digit_images, write_image
 
 from imgclf.devserver import running_server
 from service.repository import MODEL_FILE, ModelRepository, ModelVersion
+from tests.support import ROOT
+from tests.support.images import digit_images, write_image
 from training.config import ConfigError
-from training.gate import decide
-from training.pipeline import PipelineHooks, PipelineResult, run_pipeline
-from training.pipeline_config import GateConfig, ValidationPolicy, load_pipeline_config
-from training.pipeline_data import validate_data
-from training.pipeline_record import RECORDS_DIR, read_records
+from training.pipeline.config import GateConfig, ValidationPolicy, load_pipeline_config
+from training.pipeline.data import validate_data, write_digits
+from training.pipeline.gate import decide
+from training.pipeline.record import RECORDS_DIR, read_records
+from training.pipeline.run import PipelineHooks, PipelineResult, run_pipeline
 
 NAME = "digits"
 TOKEN = "pipeline-test-token-7d1e"
@@ -120,7 +121,8 @@ def live(seeded: tuple[Path, PipelineResult], tmp_path_factory: pytest.TempPathF
     """`imgclf serve` on a copy of the seeded repository, admin reload on."""
     home = tmp_path_factory.mktemp("live")
     repo = copy_of(seeded, home / "models")
-    with running_server(repo, home, {"IMGCLF_ADMIN_TOKEN": TOKEN}) as srv:
+    # one worker: an admin reload reaches it at once ("never back" would race a second worker's poll)
+    with running_server(repo, home, {"IMGCLF_ADMIN_TOKEN": TOKEN, "IMGCLF_WORKERS": "1"}) as srv:
         yield Server(srv.url, repo, srv.client)
 
 
@@ -383,6 +385,23 @@ def test_data_validation_finds_unreadable_duplicates_and_conflicts(dirs: Dirs, t
     strict = validate_data(data, holdout, ValidationPolicy(duplicates="fail", conflicting_labels="fail"),
                            ["0", "1", "2"], False)
     assert len(strict.problems) == 4, strict.problems  # unreadable share, conflicts, duplicates, label set
+
+
+def test_a_small_first_dataset_deploys(tmp_path: Path) -> None:
+    """150 training images (30 in the validation split), 360 held out: parity borrows held-out images."""
+    data, holdout = write_digits(tmp_path / "data", holdout_per_class=36, train_per_class=15)
+    cfg = load_pipeline_config(None, {"name": NAME, "data": str(data), "holdout": str(holdout),
+                                      "train": CONFIG["train"]})
+    result = run_pipeline(cfg, tmp_path / "models")
+    record = result.record
+    assert (record.status, result.exit_code) == ("promoted", 0), record.reason
+    assert record.validation["train_images"] == 150 and record.validation["holdout_images"] == 360
+    parity = record.export["parity"]
+    assert parity["image_sources"] == {"validation": 30, "held-out": 34} and parity["images"] == 64
+    assert max(parity["max_abs_logit_diff"].values()) <= parity["tolerance"]
+    assert "30 validation, 34 held-out" in step(result, "export_checks")["summary"]
+    check = ModelRepository(tmp_path / "models").get(NAME).manifest.export.parity_check
+    assert check is not None and check.image_sources == {"validation": 30, "held-out": 34}
 
 
 def test_gate_rules() -> None:

@@ -13,7 +13,7 @@ from service.manifest import TrainingProvenance
 from service.preprocessing import image_to_tensor
 from service.repository import ModelRepository, ModelVersion
 from training.config import ModelConfig
-from training.export import ExportedModel, ExportError, export
+from training.export import ExportError, ExportSource, export
 from training.models import create_model
 from training.sample_images import photo_variants, real_photos
 
@@ -48,12 +48,13 @@ def bootstrap(repo: ModelRepository) -> ModelVersion | None:
         }
     if top1["chelsea"] not in CATS or top1["coffee"] != ESPRESSO:
         raise ExportError(f"ImageNet weights give wrong answers on reference photos ({top1}); not registering")
-    exported = ExportedModel(
+    views = photo_variants(32)
+    source = ExportSource(
         model=model, spec=bundle.spec, labels=imagenet_labels(), architecture="efficientnet_lite0",
-        check_images=photo_variants(32), eval_samples=[], calibration_images=[],
-        training=TrainingProvenance(weights_source=bundle.source),
+        check_images=views, check_images_from={"reference photo views": len(views)}, eval_samples=[],
+        calibration_images=[], training=TrainingProvenance(weights_source=bundle.source),
     )
-    version = export(exported, repo, NAME)
+    version = export(source, repo, NAME)
     if "production" not in repo.aliases(NAME):
         repo.promote(NAME, version.manifest.version)
     return version

@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo in a YAML file must not be silently ignored.
+    """Base of every config section, training and pipeline alike.
+
+    Unknown keys are errors: a typo in a YAML file must not be silently ignored.
+    """
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -137,18 +141,17 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what is allowed."""
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, what: str = "training config") -> str:
+    """One line per bad key (dotted path: message, allowed values), under ``invalid <what>:``."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(config)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         ctx = err.get("ctx") or {}
         if "expected" in ctx:
             msg = f"{msg} (allowed: {ctx['expected']})"
         lines.append(f"{key}: {msg}")
-    return "invalid training config:\n  " + "\n  ".join(lines)
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -20,12 +20,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from service.preprocessing import DecodeLimits, ImageInputError, decode_image
+from service.preprocessing import IMAGE_SUFFIXES, DecodeLimits, ImageInputError, decode_image
 from training.config import DataConfig
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 class DataError(ValueError):
@@ -88,26 +86,43 @@ def digits_samples() -> tuple[list[str], list[Sample]]:
     samples = []
     for image, target in zip(digits.images, digits.target, strict=True):
         buf = io.BytesIO()
-        Image.fromarray(np.round(image * (255.0 / 16.0)).astype(np.uint8), mode="L").save(buf, format="PNG")
+        digit_image(image).save(buf, format="PNG")
         samples.append(Sample(buf.getvalue(), int(target)))
     return [str(n) for n in digits.target_names], samples
 
 
+def digit_image(pixels: np.ndarray) -> Image.Image:
+    """One of scikit-learn's digits (8x8, values 0-16) as an 8-bit greyscale image."""
+    return Image.fromarray(np.round(pixels * (255.0 / 16.0)).astype(np.uint8), mode="L")
+
+
+def class_folders(root: Path) -> list[str]:
+    """The classes of an ImageFolder tree: its visible sub-folders, sorted."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_image_folder(root: Path, classes: Sequence[str]) -> list[tuple[Path, str]]:
+    """Every image file (by suffix, the serving side's list) under each class folder, as (path, class).
+
+    The one ImageFolder scan: training (``load_splits``) and the pipeline's data check both use it,
+    so they always see the same files. A class without a folder here contributes nothing.
+    """
+    out = []
+    for name in classes:
+        folder = Path(root) / name
+        if folder.is_dir():
+            out += [(p, name) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return out
+
+
 def _folder_samples(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = class_folders(root)
     classes = classes or found
     unknown = set(found) - set(classes)
     if unknown:
         raise DataError(f"{root} has classes not in the training set: {sorted(unknown)}")
-    samples = []
-    for index, name in enumerate(classes):
-        folder = root / name
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                samples.append(Sample(path, index))
-    return classes, samples
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [Sample(path, index[name]) for path, name in scan_image_folder(root, classes)]
 
 
 def _csv_samples(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:

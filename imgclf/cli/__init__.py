@@ -15,7 +15,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from imgclf.cli import batch, models, pipeline, serve, train
+from imgclf.cli import batch, explain, models, pipeline, samples, serve, train
 from imgclf.cli.common import errors_exit, user_error_message
 
 __all__ = ["app"]
@@ -56,3 +56,5 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(batch.app)
 app.add_typer(serve.app)
 app.add_typer(pipeline.pipeline_app, name="pipeline")
+app.add_typer(samples.samples_app, name="samples")  # samples list|export: what a service kept
+app.add_typer(explain.app)  # explain, featuremaps, summary

@@ -26,6 +26,9 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="fp16 GPU variant, fp32 inputs/outputs kept")] = False,
     max_top1_drop: Annotated[float, typer.Option(help="refuse a variant losing more top-1 than this")] = 0.01,
     promote: Annotated[bool, typer.Option("--promote", help="make the new version production")] = False,
+    target_precision: Annotated[float, typer.Option(
+        "--target-precision", min=0.0, max=1.0, help="choose the confidence threshold at which the confident "
+        "answers reach this precision on the validation set")] = 0.99,
 ) -> None:
     """Export a run's best checkpoint to ONNX, check it, and register it as a new version."""
     require_training()
@@ -41,12 +44,19 @@ def export(
     with user_errors(ValueError, FileNotFoundError):  # a bad --name; a run directory without its files
         validate_name(name)
         version = run_export(from_run(run_dir), target, name,
-                             precision="int8" if quantize else "fp16" if fp16 else "fp32", max_top1_drop=max_top1_drop)
+                             precision="int8" if quantize else "fp16" if fp16 else "fp32", max_top1_drop=max_top1_drop,
+                             target_precision=target_precision)
     if promote:
         target.promote(name, version.manifest.version)
     m = version.manifest
     top1 = f"top-1 {m.metrics.top1:.4f}" if m.metrics.top1 is not None else "no metrics"
     typer.echo(f"registered {m.name}:{m.version} ({m.export.precision}, {m.export.exporter}, {top1}) at {version.path}")
+    s = m.selective
+    if s is not None and s.reached:
+        typer.echo(f"confident from score {s.threshold:.6g}: precision {s.precision:.4f} at coverage "
+                   f"{s.coverage:.3f} on {s.num_images} validation images (target {s.target_precision:g})")
+    elif s is not None:
+        typer.echo(f"no confidence threshold: {s.note}")
 
 
 @app.command()

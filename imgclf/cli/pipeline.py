@@ -50,7 +50,9 @@ def pipeline(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", help="pipeline YAML (see deploy/pipeline.yaml)")] = None,
     name: Annotated[str | None, typer.Option("--name", help="model name in the repository")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="ImageFolder tree of training images")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="ImageFolder tree of training images; "
+                                                    "repeat it to merge more trees, e.g. a corrected "
+                                                    "`imgclf samples export` tree")] = None,
     holdout: Annotated[Path | None, typer.Option("--holdout", help="ImageFolder tree of held-out images")] = None,
     repo: RepoOpt = None,
     arch: ArchOpt = None,
@@ -74,8 +76,11 @@ def pipeline(
     from training.pipeline.config import load_pipeline_config
     from training.pipeline.run import run_pipeline
 
-    overrides: dict[str, Any] = {k: v for k, v in (("name", name), ("data", data), ("holdout", holdout),
+    first, more = (data[0], data[1:]) if data else (None, [])
+    overrides: dict[str, Any] = {k: v for k, v in (("name", name), ("data", first), ("holdout", holdout),
                                                     ("repo", repo), ("init", init)) if v is not None}
+    if more:
+        overrides["more_data"] = more
     if train := train_overrides(arch=arch, epochs=epochs, seed=seed):
         overrides["train"] = train
     if service_url:

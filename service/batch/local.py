@@ -39,10 +39,6 @@ PARENT_POLL_S = 1.0  # where prctl is missing: how often a worker checks that it
 _worker = threading.local()  # the worker's scorer: per process for processes, per thread for threads
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def die_with_parent(parent: int) -> None:
     """Exit when process ``parent`` dies. Called first thing in a worker process.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Item = tuple[int, str]  # (position in the input listing, path)
-Kind = Literal["int", "str", "optional_str", "labels", "scores"]
+Kind = Literal["int", "str", "optional_str", "optional_bool", "labels", "scores"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class Row:
     scores: tuple[float, ...] = ()
     error_kind: str | None = None
     error_message: str | None = None
+    confident: bool | None = None  # top-1 score >= the model's threshold; None: no threshold, or an error row
 
     def to_record(self, model: str, version: int) -> dict[str, Any]:
         """The row as one flat record, in column order (jsonl, parquet, HTTP, Ray)."""
@@ -40,7 +41,7 @@ class Row:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Row:
         """Back from a record, whatever container types it went through (numpy arrays from Ray)."""
-        return cls(**{c.name: _FROM_PLAIN[c.kind](record[c.name]) for c in COLUMNS if not c.job})
+        return cls(**{c.name: _FROM_PLAIN[c.kind](record.get(c.name)) for c in COLUMNS if not c.job})
 
 
 def error_row(index: int, path: str, kind: str, message: str) -> Row:
@@ -66,22 +67,25 @@ COLUMNS: tuple[Column, ...] = (
     Column("version", "int", job=True),
     Column("labels", "labels", ranked="label"),
     Column("scores", "scores", ranked="score"),
+    Column("confident", "optional_bool"),
     Column("error_kind", "optional_str"),
     Column("error_message", "optional_str"),
 )
 
 _TO_PLAIN: dict[Kind, Callable[[Any], Any]] = {
-    "int": int, "str": str, "optional_str": lambda v: v, "labels": list, "scores": list,
+    "int": int, "str": str, "optional_str": lambda v: v, "optional_bool": lambda v: v, "labels": list, "scores": list,
 }
 _FROM_PLAIN: dict[Kind, Callable[[Any], Any]] = {
     "int": int, "str": str,
     "optional_str": lambda v: None if v is None else str(v),
+    "optional_bool": lambda v: None if v is None or v == "" else v in (True, "true", "True", 1),
     "labels": lambda v: tuple(str(x) for x in (() if v is None else v)),
     "scores": lambda v: tuple(float(x) for x in (() if v is None else v)),
 }
 # csv cells: scores by repr() so that a float reads back exactly; a missing value is an empty cell
 _CSV_CELL: dict[Kind, Callable[[Any], str]] = {
     "int": str, "str": str, "optional_str": lambda v: "" if v is None else v,
+    "optional_bool": lambda v: "" if v is None else str(bool(v)).lower(),
     "labels": str, "scores": repr,
 }
 
@@ -134,7 +138,7 @@ def encode_rows(rows: Iterable[Row], fmt: Literal["csv", "jsonl"], model: str, v
 
 def parquet_schema(pa: Any) -> Any:
     """The parquet schema (``pa`` is pyarrow, imported by the caller: it is an optional extra)."""
-    types = {"int": pa.int64(), "str": pa.string(), "optional_str": pa.string(),
+    types = {"int": pa.int64(), "str": pa.string(), "optional_str": pa.string(), "optional_bool": pa.bool_(),
              "labels": pa.list_(pa.string()), "scores": pa.list_(pa.float64())}
     return pa.schema([(c.name, types[c.kind]) for c in COLUMNS])
 

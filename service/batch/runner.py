@@ -18,11 +18,11 @@ from contextlib import ExitStack
 from service.batch.inputs import InputError, count_inputs, iter_inputs
 from service.batch.job import BatchOptions, BatchSummary, Chunk, ScorerSpec, chunks
 from service.batch.job_state import JobIdentity, JobState, JobStateError, OutputFormat
-from service.batch.local import local_results, usable_cores, worker_pool
+from service.batch.local import local_results, worker_pool
 from service.batch.progress import progress_bar
 from service.preprocessing import DecodeLimits
 from service.repository import ModelRef, ModelRepository
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from service.batch.rows import Item, Row, error_row
 from service.manifest import Manifest
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
 from service.runtime import Device, OnnxModel, top_k
+from service.selective import judge
 
 log = logging.getLogger(__name__)
 
@@ -80,4 +81,6 @@ class Scorer:
                 yield entry
                 continue
             best = top_k(next(probs), labels, self.top_k)
-            yield Row(index, name, "ok", tuple(b.label for b in best), tuple(b.score for b in best))
+            confident = judge(best[0].score, self.engine.manifest.selective).confident
+            yield Row(index, name, "ok", tuple(b.label for b in best), tuple(b.score for b in best),
+                      confident=confident)

@@ -21,9 +21,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from service.http import metrics
 from service.http.catalog import LiveCatalog
 from service.http.errors import ASGIApp, ClientError, Receive, Scope, Send, select_model
+from service.http.monitor import Answer, Monitor
 from service.http.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorOut, PredictionOut
 from service.http.served import ServedModel
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
+from service.selective import parse_min_score
 
 FORM = "imgclf.form"  # the scope key under which the guard leaves the parsed form
 
@@ -61,6 +63,28 @@ def form_options(fields: dict[str, str]) -> tuple[int, str | None]:
     return cast(int, values["top_k"]), cast("str | None", values["model"])
 
 
+def form_min_score(fields: dict[str, str]) -> float | None:
+    """``min_score`` (optional, 0 to 1): this request's threshold instead of the model's. ClientError 400."""
+    try:
+        return parse_min_score(_form_value(fields.get("min_score")))
+    except ValueError as exc:
+        raise ClientError(400, "invalid_request", str(exc)) from None
+
+
+def checked_min_score(value: float | None) -> float | None:
+    """The BentoML APIs' ``min_score`` argument, held to the same rule as the form field."""
+    try:
+        return parse_min_score(value)
+    except ValueError as exc:
+        raise ClientError(400, "invalid_request", str(exc)) from None
+
+
+def trust_fields(answer: Answer) -> dict[str, object]:
+    """What an answer says about its top-1 (the response fields beside the predictions)."""
+    v = answer.verdict
+    return {"label": answer.label, "confident": v.confident, "threshold": v.threshold, "abstained": v.abstained}
+
+
 async def tensor_for(data: bytes, served: ServedModel, limits: DecodeLimits) -> tuple[np.ndarray, float]:
     """Decode and preprocess in one thread call; client mistakes become 4xx. Returns (tensor, ms)."""
     start = time.perf_counter()
@@ -77,23 +101,32 @@ def predictions(probs: np.ndarray, served: ServedModel, k: int) -> list[Predicti
     return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in served.model.top_k(probs, k)]
 
 
+def predictions_of(answer: Answer) -> list[PredictionOut]:
+    return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in answer.predictions]
+
+
 async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top_k: int,
-                       model: str | None) -> ClassifyResponse:
+                       model: str | None, min_score: float | None = None,
+                       monitor: Monitor | None = None) -> ClassifyResponse:
     started = time.perf_counter()
+    monitor = monitor or Monitor.quiet()
     with select_model(live.current, model, top_k).lease() as served:  # no await between pick and lease
         tensor, prep_ms = await tensor_for(data, served, limits)
         probs = await served.infer(tensor)
+        answer = monitor.answer(served, probs, top_k, min_score, data=data, route="/classify")
         return ClassifyResponse(
-            model=served.manifest.name, version=served.manifest.version,
-            predictions=predictions(probs, served, top_k),
+            model=served.manifest.name, version=served.manifest.version, **trust_fields(answer),
+            predictions=predictions_of(answer),
             timing_ms={"preprocess": prep_ms, "total": (time.perf_counter() - started) * 1000},
         )
 
 
 async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int, images: list[bytes],
-                        top_k: int, model: str | None) -> BatchResponse:
+                        top_k: int, model: str | None, min_score: float | None = None,
+                        monitor: Monitor | None = None) -> BatchResponse:
     """Several images; one bad image fails only its own entry."""
     started = time.perf_counter()
+    monitor = monitor or Monitor.quiet()
     with select_model(live.current, model, top_k).lease() as served:
         if len(images) > max_images:
             raise ClientError(413, "too_many_images", f"at most {max_images} images per request")
@@ -103,7 +136,9 @@ async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int
                 tensor, _ = await tensor_for(data, served, limits)
             except ClientError as exc:
                 return BatchItem(index=index, error=ErrorOut(kind=exc.kind, message=exc.message, status=exc.status))
-            return BatchItem(index=index, predictions=predictions(await served.infer(tensor), served, top_k))
+            answer = monitor.answer(served, await served.infer(tensor), top_k, min_score, data=data,
+                                    route="/classify_batch")
+            return BatchItem(index=index, **trust_fields(answer), predictions=predictions_of(answer))
 
         results = await asyncio.gather(*(one(i, d) for i, d in enumerate(images)))
         return BatchResponse(model=served.manifest.name, version=served.manifest.version, results=list(results),
@@ -113,8 +148,10 @@ async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int
 class ClassifyRoute:
     """ASGI middleware answering /classify and /classify_batch from the guard's parsed form."""
 
-    def __init__(self, app: ASGIApp, live: LiveCatalog, limits: DecodeLimits, max_images: int) -> None:
+    def __init__(self, app: ASGIApp, live: LiveCatalog, limits: DecodeLimits, max_images: int,
+                 monitor: Monitor | None = None) -> None:
         self.app, self.live, self.limits, self.max_images = app, live, limits, max_images
+        self.monitor = monitor
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         form: ParsedForm | None = scope.get(FORM) if scope["type"] == "http" else None
@@ -124,10 +161,13 @@ class ClassifyRoute:
             return
         try:
             top_k, model = form_options(form.fields)
+            min_score = form_min_score(form.fields)
             if path == "/classify":
-                answer: BaseModel = await classify_one(self.live, self.limits, form.files[0], top_k, model)
+                answer: BaseModel = await classify_one(self.live, self.limits, form.files[0], top_k, model,
+                                                       min_score, self.monitor)
             else:
-                answer = await classify_many(self.live, self.limits, self.max_images, form.files, top_k, model)
+                answer = await classify_many(self.live, self.limits, self.max_images, form.files, top_k, model,
+                                             min_score, self.monitor)
         except ClientError as exc:
             await _send_json(send, exc.status, {"error": exc.message, "kind": exc.kind, "status": exc.status})
             return

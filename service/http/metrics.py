@@ -19,10 +19,30 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 ERRORS = bentoml.metrics.Counter(name="imgclf_errors_total", documentation="client errors by kind", labelnames=["kind"])
 MODEL_INFO = bentoml.metrics.Gauge(
     name="imgclf_model_info", documentation="loaded models and the provider they run on", labelnames=["model", "provider"])
+# What is answered (service/http/monitor.py): top-1 labels, their scores, the answers under the threshold, drift.
+PREDICTIONS = bentoml.metrics.Counter(
+    name="imgclf_predictions_total", documentation="top-1 answers by label (IMGCLF_METRICS_MAX_LABELS label "
+    "series per model and worker, the rest under label=other)", labelnames=["model", "label"])
+TOP1_SCORE = bentoml.metrics.Histogram(
+    name="imgclf_top1_score", documentation="calibrated top-1 score of each answer", labelnames=["model"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0))
+NOT_CONFIDENT = bentoml.metrics.Counter(
+    name="imgclf_not_confident_total", documentation="answers whose top-1 score is under the threshold",
+    labelnames=["model"])
+DRIFT_INDEX = bentoml.metrics.Gauge(
+    name="imgclf_drift_index", documentation="population stability index of this worker's window against the "
+    "validation reference; kind: class or score", labelnames=["model", "kind"], multiprocess_mode="liveall")
+SAMPLES = bentoml.metrics.Counter(
+    name="imgclf_samples_total", documentation="sampled images by outcome: kept, duplicate, near_cap, cap "
+    "(nothing written past the disk cap), busy, error", labelnames=["outcome"])
 
 
 def count_error(kind: str) -> None:
     ERRORS.labels(kind=kind).inc()
+
+
+def count_sample(outcome: str) -> None:
+    SAMPLES.labels(outcome=outcome).inc()
 
 
 def observe_batch(served: ServedModel, size: int, seconds: float) -> None:

@@ -12,14 +12,19 @@ from starlette.responses import JSONResponse
 
 from service.http.catalog import Catalog, LiveCatalog
 from service.http.errors import ASGIApp, Receive, Scope, Send
-from service.http.schemas import ModelInfo, ModelsResponse
+from service.http.monitor import Monitor
+from service.http.schemas import DriftOut, ModelInfo, ModelsResponse
 
 
-def models_response(catalog: Catalog) -> ModelsResponse:
+def models_response(catalog: Catalog, monitor: Monitor | None = None) -> ModelsResponse:
+    """What this worker serves; with ``monitor``, each model's drift window in this worker too."""
     return ModelsResponse(models=[
         ModelInfo(name=e.manifest.name, version=e.manifest.version, labels=len(e.manifest.labels),
                   preprocessing=e.manifest.preprocessing, provider=e.provider, load_seconds=e.load_seconds,
-                  default=key == catalog.default)
+                  default=key == catalog.default,
+                  threshold=e.manifest.selective.threshold if e.manifest.selective else None,
+                  selective=e.manifest.selective,
+                  drift=DriftOut(**vars(monitor.drift(e))) if monitor is not None else None)
         for key, e in catalog.engines.items()
     ], not_loaded=catalog.failed)
 
@@ -44,9 +49,10 @@ class ReadyRoute:
 class ModelsRoute:
     """GET /models: what this worker serves now."""
 
-    def __init__(self, app: ASGIApp, live: LiveCatalog) -> None:
+    def __init__(self, app: ASGIApp, live: LiveCatalog, monitor: Monitor | None = None) -> None:
         self.app = app
         self.live = live
+        self.monitor = monitor
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") != "/models":
@@ -55,5 +61,5 @@ class ModelsRoute:
         if scope["method"] != "GET":
             response = JSONResponse({"error": "use GET /models", "kind": "method_not_allowed", "status": 405}, 405)
         else:
-            response = JSONResponse(models_response(self.live.current).model_dump(mode="json"))
+            response = JSONResponse(models_response(self.live.current, self.monitor).model_dump(mode="json"))
         await response(scope, receive, send)

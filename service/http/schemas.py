@@ -2,44 +2,78 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.preprocessing.spec import PreprocessSpec
+from service.selective import Selective
 
 
-class PredictionOut(BaseModel):
+def _nullable(schema: dict, _cls: type) -> None:
+    """BentoML 1.4 flattens ``anyOf: [X, null]`` to ``X`` when it builds /docs.json (``_flatten_field``
+    keeps the first branch only); marking such fields ``nullable`` keeps the published schema true."""
+    for prop in schema.get("properties", {}).values():
+        if any(option.get("type") == "null" for option in prop.get("anyOf", [])):
+            prop["nullable"] = True
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_nullable)
+
+class PredictionOut(_Body):
     label: str
     index: int = Field(description="position in the model's output")
     score: float = Field(description="calibrated probability (softmax of logits / temperature)")
 
 
-class ClassifyResponse(BaseModel):
+class ClassifyResponse(_Body):
     model: str
     version: int
+    label: str | None = Field(default=None, description="the top-1 label; null when the answer abstains "
+                              "(IMGCLF_ABSTAIN=1 and not confident)")
+    confident: bool | None = Field(default=None, description="whether the top-1 score clears the threshold "
+                                   "(the request's min_score, else the model's); null: the model has none")
+    threshold: float | None = Field(default=None, description="the threshold the answer was judged by")
+    abstained: bool = Field(default=False, description="the label is withheld; the predictions are kept")
     predictions: list[PredictionOut]
     timing_ms: dict[str, float] = Field(description="milliseconds: preprocess (decode, resize, normalise) and total")
 
 
-class ErrorOut(BaseModel):
+class ErrorOut(_Body):
     kind: str = Field(description="machine-readable error kind, e.g. invalid_image, unsupported_format")
     message: str
     status: int
 
 
-class BatchItem(BaseModel):
+class BatchItem(_Body):
     index: int = Field(description="position of the image in the request")
+    label: str | None = Field(default=None, description="top-1 label; null when abstaining or on error")
+    confident: bool | None = Field(default=None, description="as in /classify; null on error or without threshold")
+    threshold: float | None = None
+    abstained: bool = False
     predictions: list[PredictionOut] | None = None
     error: ErrorOut | None = None
 
 
-class BatchResponse(BaseModel):
+class BatchResponse(_Body):
     model: str
     version: int
     results: list[BatchItem]
     timing_ms: dict[str, float]
 
 
-class ModelInfo(BaseModel):
+class DriftOut(_Body):
+    """This worker's rolling window of answers against the model's validation reference."""
+
+    window: int = Field(description="answers in the window now")
+    size: int = Field(description="answers the window holds when full (IMGCLF_DRIFT_WINDOW)")
+    class_psi: float | None = Field(description="population stability index of the answered classes")
+    score_psi: float | None = Field(description="population stability index of the top-1 scores")
+    verdict: Literal["ok", "drift", "not_enough_data", "no_reference"]
+
+
+class ModelInfo(_Body):
     name: str
     version: int
     labels: int
@@ -47,20 +81,24 @@ class ModelInfo(BaseModel):
     provider: str
     load_seconds: float
     default: bool
+    threshold: float | None = Field(default=None, description="top-1 score from which an answer is confident; "
+                                    "null: no validation set to choose one")
+    selective: Selective | None = Field(default=None, description="how the threshold was chosen and what it reached")
+    drift: DriftOut | None = None
 
 
-class ModelsResponse(BaseModel):
+class ModelsResponse(_Body):
     models: list[ModelInfo]
     not_loaded: dict[str, str] = Field(default_factory=dict, description="name:version -> why this worker "
                                        "could not load it (it reports not ready on /readyz meanwhile)")
 
 
-class ServedVersion(BaseModel):
+class ServedVersion(_Body):
     name: str
     version: int
 
 
-class VersionChange(BaseModel):
+class VersionChange(_Body):
     """Serialised with ``by_alias=True``: the JSON field is ``from``."""
 
     model_config = ConfigDict(populate_by_name=True)
@@ -70,7 +108,7 @@ class VersionChange(BaseModel):
     to: int = Field(description="version served now")
 
 
-class ReloadResponse(BaseModel):
+class ReloadResponse(_Body):
     """POST /admin/reload (200): what the worker that took the request serves now.
 
     Other workers converge by watching the repository's aliases (IMGCLF_POLL_SECONDS).

@@ -18,12 +18,14 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from service.explainer import Explainer
 from service.manifest import Manifest
 from service.memory import release_memory
-from service.runtime import EngineError, OnnxModel, softmax
+from service.runtime import LOGITS, EngineError, OnnxModel, softmax
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class ServedModel:
     _leases: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)  # the batching task
+    _explainer: Explainer | None = field(default=None, repr=False)  # built on the first /explain
 
     @property
     def manifest(self) -> Manifest:
@@ -69,6 +72,12 @@ class ServedModel:
 
     def warm_up(self) -> None:
         self.model.warm_up(self.max_batch_size)
+
+    async def explainer(self) -> Explainer:
+        """How to explain this model (its head read and checked once, off the loop); ExplainError if unreadable."""
+        if self._explainer is None:
+            self._explainer = await asyncio.to_thread(Explainer, self.model)
+        return self._explainer
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -112,13 +121,24 @@ class ServedModel:
 
     async def infer_logits(self, tensor: np.ndarray) -> np.ndarray:
         """Raw logits for one image, from the same batching queue as :meth:`infer`."""
+        return await self._submit(tensor, ())
+
+    async def infer_outputs(self, tensor: np.ndarray, extra: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        """Logits and the ``extra`` graph outputs (e.g. ``("features",)`` for /explain) for one image.
+
+        Same queue, same batches as :meth:`infer`: a batch runs once with every output its items ask for
+        (the features lie on the way to the logits, so asking for them costs a copy, not a second pass).
+        """
+        return await self._submit(tensor, extra)
+
+    async def _submit(self, tensor: np.ndarray, extra: tuple[str, ...]) -> Any:
         if self.model.session is None:  # fail fast instead of starting a new batching task
             raise EngineRetiredError(f"{self.key} was retired by a reload")
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._batch_loop(self._queue))
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put((tensor, future))
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((tensor, future, extra))
         return await future
 
     async def _batch_loop(self, queue: asyncio.Queue) -> None:
@@ -145,21 +165,28 @@ class ServedModel:
                     stopping = True
                     break
                 items.append(item)
-            live = [(t, f) for t, f in items if not f.done()]
+            live = [item for item in items if not item[1].done()]
             if live:
                 await self._run(live)
 
-    async def _run(self, live: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]) -> None:
+    async def _run(self, live: list[tuple[np.ndarray, asyncio.Future, tuple[str, ...]]]) -> None:
+        """One ONNX Runtime call for the batch; an item with ``extra`` outputs gets (logits, *extra) rows."""
+        extra = tuple(dict.fromkeys(name for _, _, wanted in live for name in wanted))
         try:
             start = time.perf_counter()
-            logits = await asyncio.to_thread(self.model.logits, np.stack([t for t, _ in live]))
+            batch = np.stack([t for t, _, _ in live])
+            if extra:
+                outputs = await asyncio.to_thread(self.model.run, (LOGITS, *extra), batch)
+            else:
+                outputs = [await asyncio.to_thread(self.model.logits, batch)]
             if self.on_batch is not None:
                 self.on_batch(self, len(live), time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - every waiting request hears of the failure
-            for _, f in live:
+            for _, f, _ in live:
                 if not f.done():
                     f.set_exception(exc)
             return
-        for (_, f), row in zip(live, logits, strict=True):
+        by_name = dict(zip(extra, outputs[1:], strict=True))
+        for i, (_, f, wanted) in enumerate(live):
             if not f.done():
-                f.set_result(row)
+                f.set_result((outputs[0][i], *(by_name[n][i] for n in wanted)) if wanted else outputs[0][i])

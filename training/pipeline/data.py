@@ -1,4 +1,4 @@
-"""Step 1 of the pipeline: what the training and held-out images are, and whether to use them.
+"""Step 1 of the pipeline (validate): what the training and held-out images are, and whether to use them.
 
 Counts per class, unreadable files (decoded by the serving side's decoder, as training does),
 images present in both the training data and the held-out set (by sha256 of the bytes), the
@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.atomic import atomic_path
-from training.data import IMAGE_SUFFIXES, Sample, drop_unreadable
-from training.pipeline_config import ValidationPolicy
+from training.data import Sample, class_folders, digit_image, drop_unreadable, scan_image_folder
+from training.pipeline.config import ValidationPolicy
 
 SHOWN = 20  # file names listed in the record per finding; the counts are always complete
 
@@ -43,6 +44,21 @@ class ValidatedData:
         index = {name: i for i, name in enumerate(labels)}
         return [Sample(f.path, index[f.label]) for f in self.holdout]
 
+    def summary(self) -> str:
+        """One line for the run record: what was found, and what was done about it."""
+        r = self.report
+        label_set = ("new model" if r["labels"]["production"] is None else
+                     "unchanged" if r["labels"]["same_as_production"] else "CHANGED")
+        return (
+            f"{r['train_images']} training images in {len(self.classes)} classes, {r['holdout_images']} held out; "
+            f"{r['unreadable']['train'] + r['unreadable']['holdout']} unreadable, "
+            f"{r['duplicates_with_holdout']['files']} also in the held-out set "
+            f"({r['duplicates_with_holdout']['policy']}), {r['conflicting_labels']['files']} with conflicting "
+            f"labels; label set {label_set}"
+        ) + "".join(f"; {m['images']} of them from {m['root']}" + (
+            f" ({', '.join(f'{n} in {k}/' for k, n in m['left_out'].items())} left out)" if m["left_out"] else "")
+            for m in r.get("more_data", []))
+
     def fingerprint(self, which: str) -> str:
         files = self.train if which == "train" else self.holdout
         digest = hashlib.sha256()
@@ -60,18 +76,8 @@ class ValidatedData:
         return path
 
 
-def _class_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _scan(root: Path, classes: list[str], split: str) -> list[tuple[Path, str, str]]:
-    out = []
-    for name in classes:
-        folder = root / name
-        if folder.is_dir():
-            out += [(p, name, split) for p in sorted(folder.rglob("*"))
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return out
+    return [(path, label, split) for path, label in scan_image_folder(root, classes)]
 
 
 def _readable(files: list[tuple[Path, str, str]], classes: list[str]) -> tuple[list[ImageFile], list[str]]:
@@ -90,36 +96,66 @@ def _counts(files: list[ImageFile], classes: list[str]) -> dict[str, int]:
     return {name: counts.get(name, 0) for name in classes}
 
 
+def _more_files(more: Sequence[Path], classes: list[str], split: str,
+                problems: list[str]) -> tuple[list[tuple[Path, str, str]], list[dict[str, Any]]]:
+    """Further ImageFolder trees merged into the training data (a corrected review tree of
+    ``imgclf samples export``): their class folders join the training split; folders whose name starts
+    with ``_`` (``_not_confident/``: not reviewed) are left out and counted."""
+    files: list[tuple[Path, str, str]] = []
+    summary: list[dict[str, Any]] = []
+    for root in map(Path, more):
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root} is not a directory (an ImageFolder tree: one folder per class)")
+        folders = class_folders(root)
+        unknown = sorted(c for c in folders if not c.startswith("_") and c not in classes)
+        if unknown:
+            problems.append(f"{root} has classes the first --data tree lacks: {unknown} (a new class needs its "
+                            "training and held-out images there first)")
+        left_out = {c: len(scan_image_folder(root, [c])) for c in folders if c.startswith("_")}
+        found = _scan(root, [c for c in folders if c in classes], split)
+        files += found
+        summary.append({"root": str(root), "images": len(found), "left_out": {k: v for k, v in left_out.items() if v}})
+    return files, summary
+
+
 def validate_data(
     data: Path, holdout: Path, policy: ValidationPolicy, production_labels: list[str] | None,
-    allow_label_change: bool,
+    allow_label_change: bool, more: Sequence[Path] = (),
 ) -> ValidatedData:
-    """Scan, check and filter; every finding is in ``report``, every blocking one in ``problems``."""
+    """Scan, check and filter; every finding is in ``report``, every blocking one in ``problems``.
+
+    ``more``: further trees merged into the training data (see :func:`_more_files`); the checks below
+    (unreadable files, the same bytes under two classes, images also held out) apply to the merge.
+    """
     problems: list[str] = []
     for what, root in (("--data", data), ("--holdout", holdout)):
         if not Path(root).is_dir():
             raise FileNotFoundError(f"{what} {root} is not a directory (an ImageFolder tree: one folder per class)")
     layout = "train/val" if (data / "train").is_dir() else "flat"
     if layout == "train/val":
-        classes = _class_folders(data / "train")
+        classes = class_folders(data / "train")
         files = _scan(data / "train", classes, "train")
         if (data / "val").is_dir():
-            extra = sorted(set(_class_folders(data / "val")) - set(classes))
+            extra = sorted(set(class_folders(data / "val")) - set(classes))
             if extra:
                 problems.append(f"{data / 'val'} has classes that train/ lacks: {extra}")
             files += _scan(data / "val", classes, "val")
     else:
-        classes = _class_folders(data)
+        classes = class_folders(data)
         files = _scan(data, classes, "")
-    holdout_classes = _class_folders(holdout)
+    holdout_classes = class_folders(holdout)
     if len(classes) < 2:
         raise ValueError(f"{data}: need at least two class folders, found {classes}")
+    extra, merged = _more_files(more, classes, "train" if layout == "train/val" else "", problems)
+    files += extra
 
     train, unreadable = _readable(files, classes)
     held, held_unreadable = _readable(_scan(holdout, [c for c in holdout_classes if c in classes], "holdout"),
                                       classes)
     report: dict[str, Any] = {"layout": layout, "classes": classes, "holdout_classes": holdout_classes,
                               "files_found": {"train": len(files), "holdout": len(held) + len(held_unreadable)}}
+    if merged:
+        report["more_data"] = merged
 
     if set(holdout_classes) != set(classes):
         problems.append(
@@ -188,7 +224,6 @@ def write_digits(root: str | Path, holdout_per_class: int = 30, train_per_class:
     The first ``holdout_per_class`` images of each digit are held out; ``train_per_class`` limits the
     rest (to simulate new data arriving: write fewer first, then all).
     """
-    import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -203,6 +238,5 @@ def write_digits(root: str | Path, holdout_per_class: int = 30, train_per_class:
         split = "holdout" if i < holdout_per_class else "train"
         path = root / split / str(target) / f"{target}-{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L")
-        pixels.resize((size, size), Image.Resampling.NEAREST).save(path)
+        digit_image(image).resize((size, size), Image.Resampling.NEAREST).save(path)
     return root / "train", root / "holdout"

@@ -1,7 +1,7 @@
-"""Step 4 of the pipeline: may the candidate replace production? Pure rules over measured numbers.
+"""Step 6 of the pipeline (gate): may the candidate replace production? Pure rules over measured numbers.
 
 Both models are measured on the same held-out images through ONNX Runtime and the shared
-preprocessing (``training.pipeline.holdout_metrics``). The decision keeps every rule with the
+preprocessing (``training.pipeline.metrics.holdout_metrics``). The decision keeps every rule with the
 numbers that decided it, so the run record can say exactly why.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from training.pipeline_config import GateConfig
+from training.pipeline.config import GateConfig
 
 EPS = 1e-9  # equal accuracies are equal, whatever the float rounding
 

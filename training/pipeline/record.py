@@ -12,17 +12,18 @@ model can be called that (names start with a letter or digit). No torch here, so
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from service.atomic import atomic_write_text
+from service.atomic import LockBusyError, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ StepStatus = Literal["running", "ok", "failed", "skipped"]
 EXIT_CODES: dict[str, int] = {"promoted": 0, "skipped": 0, "failed": 1, "rolled_back": 1, "rejected": 3}
 
 
-class PipelineBusyError(RuntimeError):
+class PipelineBusyError(LockBusyError):
     """Another pipeline run holds this model's lock."""
 
 
@@ -101,16 +102,80 @@ def read_records(repo_root: Path, name: str | None = None) -> list[RunRecord]:
     return sorted(out, key=lambda r: r.started_at)
 
 
+def run_that_made(repo_root: Path, name: str, version: int) -> RunRecord | None:
+    """The (latest) promoted run whose candidate became ``version``; None if no run of this pipeline made it."""
+    made = [r for r in read_records(repo_root, name) if r.status == "promoted" and r.versions.get("candidate") == version]
+    return made[-1] if made else None
+
+
+def checkpoints_of(repo_root: Path, name: str, version: int) -> list[Path]:
+    """The best checkpoints of the runs whose candidate became ``version`` (a warm start needs one)."""
+    return [Path(repo_root) / r.training["run_dir"] / "checkpoints" / "best.pt" for r in read_records(repo_root, name)
+            if r.versions.get("candidate") == version and r.training and r.training.get("run_dir")]
+
+
 @contextlib.contextmanager
 def run_lock(repo_root: Path, name: str) -> Iterator[None]:
-    folder = records_dir(repo_root, name)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
+    """One run per model at a time: a second one fails at once rather than waiting behind the first."""
+    lock = records_dir(repo_root, name) / ".lock"
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(file_lock(lock, wait=False))
+    except LockBusyError:
+        raise PipelineBusyError(f"another pipeline run for {name!r} is in progress ({lock})") from None
+    with held:
+        yield
+
+
+class StopRun(Exception):
+    """Ends the run with a status and a reason (not an error of the pipeline itself)."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class Recorder:
+    """A run's record on disk, rewritten as each step starts and ends: a crash leaves how far it got."""
+
+    repo_root: Path
+    record: RunRecord
+    on_step: Callable[[StepRecord], None] | None = None
+    started: float = field(default_factory=time.monotonic)
+    path: Path | None = None
+
+    def save(self) -> Path:
+        self.path = write_record(self.repo_root, self.record)
+        return self.path
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[StepRecord]:
+        """One step: ok when the body returns (unless it set another status), failed when it raises."""
+        step = StepRecord(name=name, started_at=datetime.now(UTC))
+        self.record.steps.append(step)
+        self.save()
+        began = time.monotonic()
+        log.info("step %s", name)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineBusyError(f"another pipeline run for {name!r} is in progress ({folder / '.lock'})") from None
-        try:
-            yield
+            yield step
+        except BaseException as exc:
+            step.status = "failed"
+            step.summary = step.summary or (exc.reason if isinstance(exc, StopRun) else f"{type(exc).__name__}: {exc}")
+            raise
+        else:
+            if step.status == "running":
+                step.status = "ok"
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            step.seconds = time.monotonic() - began
+            self.record.timings[name] = step.seconds
+            self.save()
+            if self.on_step is not None:
+                self.on_step(step)
+
+    def finish(self) -> Path:
+        """The run is over, whatever its status: the exit code and the total time, written."""
+        self.record.finished_at = datetime.now(UTC)
+        self.record.exit_code = EXIT_CODES.get(self.record.status, 1)
+        self.record.timings["total"] = time.monotonic() - self.started
+        return self.save()

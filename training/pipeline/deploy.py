@@ -1,4 +1,4 @@
-"""Step 6 of the pipeline: tell running services to reload, and prove they serve the new version.
+"""Step 9 of the pipeline (deploy): tell running services to reload, and prove they serve the new version.
 
 For each service: ``POST /admin/reload`` (bearer token), then poll ``GET /models`` and a smoke
 ``POST /classify`` of a held-out image whose answer is known from the ONNX evaluation, until
@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from training.pipeline_config import DeployConfig
+from training.pipeline.config import DeployConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,18 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from service.manifest import validate_name
-from training.config import ConfigError, TrainConfig, deep_merge, read_yaml, resolve_config
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from training.config import (
+    ConfigError,
+    TrainConfig,
+    _Section,
+    deep_merge,
+    format_validation_error,
+    read_yaml,
+    resolve_config,
+)
 
 
 class ValidationPolicy(_Section):
@@ -54,6 +58,8 @@ class ExportSettings(_Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     max_top1_drop: float = Field(default=0.01, ge=0, le=1, description="int8/fp16: refuse a variant losing "
                                  "more top-1 than this against fp32")
+    target_precision: float = Field(default=0.99, gt=0, le=1, description="the confidence threshold is chosen "
+                                    "on the validation set for this precision of the confident answers")
 
 
 class DeployConfig(_Section):
@@ -83,6 +89,9 @@ class PipelineConfig(_Section):
     data: Path | None = Field(default=None, description="ImageFolder tree of training images (class folders, "
                               "optionally under train/ and val/)")
     holdout: Path | None = Field(default=None, description="ImageFolder tree of the fixed held-out images")
+    more_data: list[Path] = Field(default_factory=list, description="further ImageFolder trees merged into the "
+                                  "training data, e.g. a corrected `imgclf samples export` tree (folders named "
+                                  "_* are left out); the CLI's second and later --data")
     repo: Path | None = Field(default=None, description="model repository (default $IMGCLF_MODEL_REPO or models/)")
     work_dir: Path | None = Field(default=None, description="where training runs go (default "
                                   "<repo>/.pipeline/<name>/runs; warm starts read production's checkpoint there)")
@@ -141,22 +150,10 @@ class PipelineConfig(_Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _format(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(config)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        ctx = err.get("ctx") or {}
-        if "expected" in ctx:
-            msg = f"{msg} (allowed: {ctx['expected']})"
-        lines.append(f"{key}: {msg}")
-    return "invalid pipeline config:\n  " + "\n  ".join(lines)
-
-
 def load_pipeline_config(file: Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Defaults < file < overrides, validated once. Raises ConfigError naming the key."""
     merged = deep_merge(read_yaml(file) if file else {}, overrides or {})
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format(exc)) from exc
+        raise ConfigError(format_validation_error(exc, what="pipeline config")) from exc

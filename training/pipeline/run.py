@@ -1,67 +1,59 @@
-"""Retrain and deploy: validate, train, export checks, evaluate, gate, register, promote, deploy.
+"""Retrain and deploy: one call of :func:`run_pipeline` is one run, its steps in this order.
 
-One call of :func:`run_pipeline` is one run. Every step is written to the run record as it
-finishes (``training.pipeline_record``), so a crash leaves a record that says how far it got.
+Every step is written to the run record as it finishes (``training.pipeline.record``), so a
+crash leaves a record that says how far it got. The methods of ``_Run`` follow the same order.
 
-- validate: counts, unreadable files, train/held-out duplicates, label set vs production's
-  (``training.pipeline_data``); the data and config fingerprints. A run whose data and config
-  equal those of the run that produced the current production version stops here: no changes.
-- train: ``training.train.train`` with the config's recipe, from the config's initial weights or
-  warm-started from production's checkpoint (``init``).
-- export_checks: ``training.export.prepare`` (ONNX export and every export check), nothing
-  registered yet.
-- evaluate: candidate and production on the same held-out images through ONNX Runtime and
-  ``image_to_tensor``: top-1, top-5, recall per class, ECE at each model's own temperature.
-- gate: ``training.gate.decide``.
-- register: the exact bytes that were checked and evaluated (sha256), else nothing.
-- promote: ``ModelRepository.promote`` (verifies, then switches the alias atomically).
-- deploy: reload each ``--service-url`` and verify the new version answers the smoke image as
-  the evaluation did; on any failure roll the alias back, reload again, and fail the run.
+1. validate: counts, unreadable files, train/held-out duplicates, label set vs production's
+   (``training.pipeline.data``); the data and config fingerprints.
+2. changes: a run whose data and config equal those of the run that produced the current
+   production version stops here (skipped: no changes), unless forced.
+3. train: ``training.train.train`` with the config's recipe, from the config's initial weights or
+   warm-started from production's checkpoint (``init``).
+4. export_checks: ``training.export.prepare`` (ONNX export and every export check; parity images
+   from the validation split, then the held-out set), nothing registered yet.
+5. evaluate: candidate and production on the same held-out images through ONNX Runtime and
+   ``image_to_tensor``: top-1, top-5, recall per class, ECE at each model's own temperature
+   (``training.pipeline.metrics``).
+6. gate: ``training.pipeline.gate.decide``.
+7. register: the exact bytes that were checked and evaluated (sha256), else nothing.
+8. promote: ``ModelRepository.promote`` (verifies, then switches the alias atomically).
+9. deploy: reload each ``--service-url`` and verify the new version answers the smoke image as
+   the evaluation did (``training.pipeline.deploy``); on any failure, rollback: the alias goes
+   back, the services reload again, and the run fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from service.engine import softmax
 from service.repository import PRODUCTION, ModelRepository, ModelVersion, RepositoryError
 from training.config import ConfigError
-from training.data import DataError, Sample
-from training.deploy import ServiceCheck, SmokeCheck, reload_and_verify
-from training.evaluation import expected_calibration_error, topk_accuracy
-from training.export import (
-    Candidate,
-    ExportedModel,
-    ExportError,
-    from_run,
-    onnx_logits,
-    prepare,
-    register_candidate,
-)
-from training.gate import GateDecision, decide
-from training.pipeline_config import PipelineConfig
-from training.pipeline_data import ValidatedData, validate_data
-from training.pipeline_record import (
+from training.data import DataError
+from training.export import Candidate, ExportError, from_run, onnx_logits, prepare, register
+from training.pipeline.config import PipelineConfig
+from training.pipeline.data import ValidatedData, validate_data
+from training.pipeline.deploy import ServiceCheck, SmokeCheck, reload_and_verify
+from training.pipeline.gate import GateDecision, decide
+from training.pipeline.metrics import holdout_metrics, pick_smoke
+from training.pipeline.record import (
     EXIT_CODES,
+    Recorder,
     RunRecord,
-    Status,
     StepRecord,
+    StopRun,
+    checkpoints_of,
     new_run_id,
-    read_records,
     records_dir,
     run_lock,
-    write_record,
+    run_that_made,
 )
 from training.train import train
 
@@ -86,52 +78,6 @@ class PipelineResult:
         return EXIT_CODES.get(self.record.status, 1)
 
 
-class _Stop(Exception):
-    """Ends the run with a status and a reason (not an error of the pipeline itself)."""
-
-    def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-def holdout_metrics(logits: np.ndarray, samples: list[Sample], labels: list[str], temperature: float) -> dict[str, Any]:
-    """top-1, top-5, recall per class, ECE of softmax(logits / T) with the model's own T."""
-    targets = torch.tensor([s.label for s in samples])
-    t = torch.from_numpy(logits).float()
-    preds = logits.argmax(1)
-    recall = {name: float((preds[targets.numpy() == i] == i).mean())
-              for i, name in enumerate(labels) if bool((targets == i).any())}
-    return {
-        "num_images": len(samples),
-        "top1": topk_accuracy(t, targets, 1),
-        "top5": topk_accuracy(t, targets, 5),
-        "ece": expected_calibration_error((t / temperature).softmax(1), targets),
-        "temperature": temperature,
-        "per_class_recall": recall,
-    }
-
-
-SMOKE_TARGET_SCORE = 0.8
-
-
-def pick_smoke(logits: np.ndarray, samples: list[Sample], labels: list[str], temperature: float) -> SmokeCheck | None:
-    """A held-out image the candidate gets right, with the score the service must answer with.
-
-    Not the most confident one: a saturated score (0.9999) is the same for many models, while an
-    unsaturated one (closest to 0.8) identifies this model, so another model answering under the
-    same name and version number fails the check.
-    """
-    probs = softmax(logits, temperature)
-    preds = probs.argmax(1)
-    correct = [i for i, s in enumerate(samples) if preds[i] == s.label]
-    if not correct:
-        return None
-    best = min(correct, key=lambda i: abs(float(probs[i, preds[i]]) - SMOKE_TARGET_SCORE))
-    sample = samples[best]
-    return SmokeCheck(image=sample.read(), filename=Path(sample.name).name, source=sample.name,
-                      label=labels[int(preds[best])], index=int(preds[best]), score=float(probs[best, preds[best]]))
-
-
 @dataclass
 class _Run:
     cfg: PipelineConfig
@@ -141,37 +87,11 @@ class _Run:
     holdout: Path
     admin_token: str | None
     hooks: PipelineHooks
-    on_step: Callable[[StepRecord], None] | None
-    record: RunRecord
-    started: float = field(default_factory=time.monotonic)
-    path: Path | None = None
+    rec: Recorder
 
-    # --- bookkeeping -----------------------------------------------------------------------------
-    def save(self) -> None:
-        self.path = write_record(self.repo.root, self.record)
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[StepRecord]:
-        step = StepRecord(name=name, started_at=datetime.now(UTC))
-        self.record.steps.append(step)
-        self.save()
-        began = time.monotonic()
-        log.info("step %s", name)
-        try:
-            yield step
-        except BaseException as exc:
-            step.status = "failed"
-            step.summary = step.summary or (exc.reason if isinstance(exc, _Stop) else f"{type(exc).__name__}: {exc}")
-            raise
-        else:
-            if step.status == "running":
-                step.status = "ok"
-        finally:
-            step.seconds = time.monotonic() - began
-            self.record.timings[name] = step.seconds
-            self.save()
-            if self.on_step is not None:
-                self.on_step(step)
+    @property
+    def record(self) -> RunRecord:
+        return self.rec.record
 
     def _rel(self, path: Path) -> str:
         """A path inside the repository is recorded relative to it (the repository may be mounted elsewhere)."""
@@ -186,37 +106,27 @@ class _Run:
         try:
             return self.repo.get(self.name)
         except RepositoryError as exc:
-            raise _Stop("failed", f"production {self.name} cannot be read: {exc}") from exc
+            raise StopRun("failed", f"production {self.name} cannot be read: {exc}") from exc
 
     def validate(self, production: ModelVersion | None) -> ValidatedData:
-        with self.step("validate") as step:
+        with self.rec.step("validate") as step:
             labels = production.manifest.labels if production else None
-            validated = validate_data(self.data, self.holdout, self.cfg.validation, labels, self.cfg.allow_label_change)
+            validated = validate_data(self.data, self.holdout, self.cfg.validation, labels, self.cfg.allow_label_change,
+                                      self.cfg.more_data)
             self.record.validation = validated.report
             self.record.fingerprints = {"data": validated.fingerprint("train"),
                                         "holdout": validated.fingerprint("holdout"), "config": self.cfg.fingerprint()}
             self.record.fingerprints["run"] = _combine(self.record.fingerprints)
-            r = validated.report
-            step.summary = (
-                f"{r['train_images']} training images in {len(validated.classes)} classes, {r['holdout_images']} "
-                f"held out; {r['unreadable']['train'] + r['unreadable']['holdout']} unreadable, "
-                f"{r['duplicates_with_holdout']['files']} also in the held-out set "
-                f"({r['duplicates_with_holdout']['policy']}), {r['conflicting_labels']['files']} with conflicting "
-                f"labels; label set " + ("new model" if labels is None else
-                                         "unchanged" if r["labels"]["same_as_production"] else "CHANGED")
-            )
+            step.summary = validated.summary()
             if validated.problems:
-                raise _Stop("failed", "data validation failed: " + "; ".join(validated.problems))
+                raise StopRun("failed", "data validation failed: " + "; ".join(validated.problems))
         return validated
 
     def check_changes(self, production: ModelVersion | None, force: bool) -> None:
         unchanged = False
-        with self.step("changes") as step:
+        with self.rec.step("changes") as step:
             fp = self.record.fingerprints["run"]
-            promoted = [r for r in read_records(self.repo.root, self.name)
-                        if r.status == "promoted" and r.run_id != self.record.run_id]
-            source = next((r for r in reversed(promoted) if production is not None
-                           and r.versions.get("candidate") == production.manifest.version), None)
+            source = run_that_made(self.repo.root, self.name, production.manifest.version) if production else None
             if source is None:
                 step.summary = "production was not made by this pipeline" if production else "no production yet"
             elif source.fingerprints.get("run") != fp:
@@ -231,7 +141,7 @@ class _Run:
                                 f"made production {self.name}:{production.manifest.version}")
                 unchanged = True
         if unchanged:
-            raise _Stop("skipped", step.summary)
+            raise StopRun("skipped", step.summary)
 
     def init_weights(self, production: ModelVersion | None, labels_changed: bool) -> tuple[Path | None, str]:
         own = "the training config's initial weights"
@@ -242,91 +152,100 @@ class _Run:
         if labels_changed:
             return None, f"{own} (init: production, but the label set changed)"
         version = production.manifest.version
-        candidates = [self.repo.root / r.training["run_dir"] / "checkpoints" / "best.pt"
-                      for r in read_records(self.repo.root, self.name)
-                      if r.versions.get("candidate") == version and r.training and r.training.get("run_dir")]
+        candidates = checkpoints_of(self.repo.root, self.name, version)
         if production.manifest.training.run_dir:
             candidates.append(Path(production.manifest.training.run_dir) / "checkpoints" / "best.pt")
         for path in candidates:
             if path.is_file():
                 return path, f"warm start from production {self.name}:{version} ({self._rel(path)})"
-        raise _Stop("failed", f"init: production needs the checkpoint of {self.name}:{version}, but none is left "
+        raise StopRun("failed", f"init: production needs the checkpoint of {self.name}:{version}, but none is left "
                               f"(looked at {[str(p) for p in candidates] or 'nothing'}); use init: pretrained")
 
     def train(self, validated: ValidatedData, production: ModelVersion | None, labels_changed: bool) -> Path:
-        with self.step("train") as step:
+        with self.rec.step("train") as step:
             work = Path(self.cfg.work_dir) if self.cfg.work_dir else records_dir(self.repo.root, self.name) / "runs"
             run_dir = (work / self.record.run_id).resolve()
             source = validated.write_manifest(run_dir / "pipeline-data.csv")
             tcfg = self.cfg.train_config(source)
             init, described = self.init_weights(production, labels_changed)
             self.record.training = {"run_dir": self._rel(run_dir), "init": described, "config": tcfg.model_dump(mode="json")}
-            self.save()
+            self.rec.save()
             report = train(tcfg, run_dir, init_weights=init)
             self.record.training |= {k: report[k] for k in ("top1", "top5", "best_epoch", "epochs_run", "train_seconds")}
             step.summary = (f"{tcfg.model.arch}, {report['epochs_run']} epochs from {described}: validation top-1 "
                             f"{report['top1']:.4f} (best epoch {report['best_epoch']})")
         return run_dir
 
-    def export_checks(self, run_dir: Path) -> tuple[ExportedModel, Candidate | None, str | None]:
-        with self.step("export_checks") as step:
-            exported = from_run(run_dir)
+    def export_checks(self, validated: ValidatedData, run_dir: Path) -> tuple[Candidate | None, str | None]:
+        with self.rec.step("export_checks") as step:
+            # Parity needs real images, not validation ones: a small validation split borrows held-out images.
+            source = from_run(run_dir, more_check_images=[("held-out", validated.holdout_samples(validated.classes))])
             try:
-                candidate = prepare(exported, _fresh(run_dir / "candidate"), precision=self.cfg.export.precision,
-                                    max_top1_drop=self.cfg.export.max_top1_drop)
+                candidate = prepare(source, _fresh(run_dir / "candidate"), precision=self.cfg.export.precision,
+                                    max_top1_drop=self.cfg.export.max_top1_drop,
+                                    target_precision=self.cfg.export.target_precision)
             except ExportError as exc:
                 step.status, step.summary = "failed", f"export checks failed: {exc}"
-                return exported, None, str(exc)
+                return None, str(exc)
+            parity = candidate.parity
+            assert parity is not None  # prepare always measures it
             self.record.export = {"file": self._rel(candidate.path), "sha256": candidate.sha256,
                                   "exporter": candidate.exporter, "precision": candidate.precision,
-                                  "parity": candidate.parity, "quantization": candidate.quantization,
-                                  "temperature": (candidate.report or {}).get("temperature", 1.0)}
-            worst = max(candidate.parity["max_abs_logit_diff"].values())
-            step.summary = (f"{candidate.exporter} exporter, {candidate.precision}: every check passed "
-                            f"(max |logit diff| vs PyTorch {worst:.1e})")
-        return exported, candidate, None
+                                  "parity": parity.model_dump(mode="json"), "quantization": candidate.quantization,
+                                  "temperature": (candidate.report or {}).get("temperature", 1.0),
+                                  "selective": candidate.measured.selective.model_dump(mode="json")
+                                  if candidate.measured else None}
+            images = ", ".join(f"{n} {name}" for name, n in parity.image_sources.items())
+            step.summary = (f"{candidate.exporter} exporter, {candidate.precision}: every check passed (max |logit "
+                            f"diff| vs PyTorch {max(parity.max_abs_logit_diff.values()):.1e}, limit "
+                            f"{parity.tolerance:.1e}, on {parity.images} images: {images})")
+        return candidate, None
 
-    def evaluate(self, validated: ValidatedData, exported: ExportedModel, candidate: Candidate | None,
-                 production: ModelVersion | None, labels_changed: bool) -> SmokeCheck | None:
+    def evaluate(self, validated: ValidatedData, candidate: Candidate | None, production: ModelVersion | None,
+                 labels_changed: bool) -> SmokeCheck | None:
         smoke = None
-        with self.step("evaluate") as step:
+        with self.rec.step("evaluate") as step:
             parts = []
             if candidate is not None:
-                samples = validated.holdout_samples(exported.labels)
-                logits = onnx_logits(candidate.path, samples, exported.spec)
+                labels, spec = candidate.source.labels, candidate.source.spec
+                samples = validated.holdout_samples(labels)
+                logits = onnx_logits(candidate.path, samples, spec)
                 temperature = (candidate.report or {}).get("temperature", 1.0)
-                self.record.metrics["candidate"] = holdout_metrics(logits, samples, exported.labels, temperature)
-                smoke = pick_smoke(logits, samples, exported.labels, temperature)
+                threshold = candidate.measured.selective.threshold if candidate.measured else None
+                self.record.metrics["candidate"] = holdout_metrics(logits, samples, labels, temperature, threshold)
+                smoke = pick_smoke(logits, samples, labels, temperature)
                 self.record.metrics["smoke"] = smoke.describe() if smoke else None
-                parts.append(f"candidate top-1 {self.record.metrics['candidate']['top1']:.4f}")
+                parts.append(f"candidate top-1 {self.record.metrics['candidate']['top1']:.4f}"
+                             + _selective_part(self.record.metrics["candidate"]["selective"]))
             if production is not None and not labels_changed:
                 m = production.manifest
                 samples = validated.holdout_samples(m.labels)
                 logits = onnx_logits(production.model_path, samples, m.preprocessing)
-                self.record.metrics["production"] = holdout_metrics(logits, samples, m.labels, m.temperature) | {
+                self.record.metrics["production"] = holdout_metrics(
+                    logits, samples, m.labels, m.temperature, m.selective.threshold if m.selective else None) | {
                     "version": m.version}
                 parts.append(f"production v{m.version} top-1 {self.record.metrics['production']['top1']:.4f}")
             step.summary = ", ".join(parts) + f" on {len(validated.holdout)} held-out images" if parts else "nothing"
         return smoke
 
     def gate(self, export_error: str | None, labels_changed: bool) -> GateDecision:
-        with self.step("gate") as step:
+        with self.rec.step("gate") as step:
             decision = decide(self.cfg.gate, self.record.metrics.get("candidate"), self.record.metrics.get("production"),
                               export_error=export_error, label_set_changed=labels_changed)
             self.record.gate = decision.model_dump(mode="json")
             step.summary = decision.reason
             if not decision.passed:
-                raise _Stop("rejected", decision.reason)
+                raise StopRun("rejected", decision.reason)
         return decision
 
-    def register(self, exported: ExportedModel, candidate: Candidate) -> ModelVersion:
-        with self.step("register") as step:
+    def register(self, candidate: Candidate) -> ModelVersion:
+        with self.rec.step("register") as step:
             if self.hooks.before_register:
                 self.hooks.before_register(candidate.path)
             try:
-                version = register_candidate(self.repo, self.name, exported, candidate)
+                version = register(self.repo, self.name, candidate)
             except (ExportError, RepositoryError) as exc:
-                raise _Stop("failed", f"registration refused: {exc}") from exc
+                raise StopRun("failed", f"registration refused: {exc}") from exc
             self.record.versions["candidate"] = version.manifest.version
             if self.hooks.after_register:
                 self.hooks.after_register(version)
@@ -334,18 +253,18 @@ class _Run:
         return version
 
     def promote(self, version: int) -> None:
-        with self.step("promote") as step:
+        with self.rec.step("promote") as step:
             try:
                 self.record.versions["after"] = self.repo.promote(self.name, version)
             except RepositoryError as exc:
-                raise _Stop("failed", f"promotion refused: {exc}") from exc
+                raise StopRun("failed", f"promotion refused: {exc}") from exc
             step.summary = f"production -> {self.name}:{version} (previous: " \
                            f"{self.record.versions['after'].get('previous', 'none')})"
 
     def deploy(self, version: int, smoke: SmokeCheck | None) -> None:
         urls = self.cfg.deploy.service_urls
         failure = None
-        with self.step("deploy") as step:
+        with self.rec.step("deploy") as step:
             if not urls:
                 step.status = "skipped"
                 step.summary = "no --service-url: services serve the new production on their next reload or restart"
@@ -365,7 +284,7 @@ class _Run:
 
     def roll_back(self, version: int, failure: str) -> None:
         before = self.record.versions["before"].get(PRODUCTION)
-        with self.step("rollback") as step:
+        with self.rec.step("rollback") as step:
             current = self.repo.aliases(self.name).get(PRODUCTION)
             if current != version:
                 step.status = "failed"
@@ -384,7 +303,7 @@ class _Run:
                     "serve it again" if back else "NOT all back: " + "; ".join(c.reason for c in checks if not c.ok))
                 if not back:
                     step.status = "failed"
-        raise _Stop("rolled_back", f"deploy failed ({failure}); {step.summary}")
+        raise StopRun("rolled_back", f"deploy failed ({failure}); {step.summary}")
 
     # --- the run -------------------------------------------------------------------------------------
     def execute(self, force: bool) -> None:
@@ -393,11 +312,11 @@ class _Run:
         self.check_changes(production, force)
         labels_changed = bool(production) and not validated.report["labels"].get("same_as_production", True)
         run_dir = self.train(validated, production, labels_changed)
-        exported, candidate, export_error = self.export_checks(run_dir)
-        smoke = self.evaluate(validated, exported, candidate, production, labels_changed)
+        candidate, export_error = self.export_checks(validated, run_dir)
+        smoke = self.evaluate(validated, candidate, production, labels_changed)
         decision = self.gate(export_error, labels_changed)
         assert candidate is not None  # the gate refuses a candidate that failed its export checks
-        version = self.register(exported, candidate).manifest.version
+        version = self.register(candidate).manifest.version
         self.promote(version)
         self.deploy(version, smoke)
         self.record.reason = decision.reason + (f"; {self.name}:{version} is production" + (
@@ -406,9 +325,17 @@ class _Run:
 
 
 def _combine(fingerprints: dict[str, str]) -> str:
-    import hashlib
-
     return hashlib.sha256("|".join(fingerprints[k] for k in ("data", "holdout", "config")).encode()).hexdigest()
+
+
+def _selective_part(selective: dict[str, Any]) -> str:
+    """What the confidence threshold chosen on validation gives on the held-out set, for the step summary."""
+    if selective["threshold"] is None:
+        return ""
+    if selective["precision"] is None:
+        return " (no held-out answer confident)"
+    return (f" (confident from {selective['threshold']:.4g}: precision {selective['precision']:.4f}, "
+            f"coverage {selective['coverage']:.3f})")
 
 
 def _fresh(path: Path) -> Path:
@@ -442,17 +369,19 @@ def run_pipeline(
     record = RunRecord(
         run_id=new_run_id(), name=name, started_at=datetime.now(UTC),
         inputs={"data": str(Path(data).resolve()), "holdout": str(Path(holdout).resolve()),
+                "more_data": [str(Path(p).resolve()) for p in cfg.more_data],
                 "config_file": str(config_file) if config_file else None, "repo": str(Path(repo_root).resolve()),
                 "config": cfg.model_dump(mode="json"), "admin_token": "given" if admin_token else "none",
                 "force": force},
         versions={"before": before, "after": before, "candidate": None},
     )
     with run_lock(repo.root, name):
-        run = _Run(cfg, repo, name, Path(data), Path(holdout), admin_token, hooks or PipelineHooks(), on_step, record)
-        run.save()
+        rec = Recorder(repo.root, record, on_step)
+        rec.save()
+        run = _Run(cfg, repo, name, Path(data), Path(holdout), admin_token, hooks or PipelineHooks(), rec)
         try:
             run.execute(force)
-        except _Stop as stop:
+        except StopRun as stop:
             record.status, record.reason = stop.status, stop.reason
         except (ConfigError, DataError, ExportError, RepositoryError, FileNotFoundError, ValueError) as exc:
             record.status, record.reason, record.error = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
@@ -460,10 +389,6 @@ def run_pipeline(
             record.status, record.reason, record.error = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
             raise
         finally:
-            record.finished_at = datetime.now(UTC)
-            record.exit_code = EXIT_CODES.get(record.status, 1)
-            record.timings["total"] = time.monotonic() - run.started
-            run.save()
+            path = rec.finish()
             log.info("pipeline %s: %s (%s)", record.run_id, record.status, record.reason)
-    assert run.path is not None
-    return PipelineResult(record, run.path)
+    return PipelineResult(record, path)

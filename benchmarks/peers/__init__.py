@@ -1,0 +1,1 @@
+"""Side by side with Triton and TorchServe: see __main__.py."""
