@@ -359,14 +359,16 @@ def _register(repo: ModelRepository, source: Path) -> Any:
     import torch
 
     from service.manifest import Manifest
-    from training.export import ExportedModel, register
+    from training.export import Candidate, ExportSource, register
 
     manifest = Manifest.model_validate_json((source / "manifest.json").read_text())
-    exported = ExportedModel(model=torch.nn.Identity(), spec=manifest.preprocessing, labels=manifest.labels,
-                             architecture=manifest.architecture, check_images=[], eval_samples=[],
-                             calibration_images=[], training=manifest.training)
-    return register(repo, NAME, exported, source / MODEL_FILE, exporter=manifest.export.exporter, precision="fp32",
-                    parity={}, quantization=None, report=None, expected_sha256=manifest.files[MODEL_FILE].sha256)
+    exported = ExportSource(model=torch.nn.Identity(), spec=manifest.preprocessing, labels=manifest.labels,
+                            architecture=manifest.architecture, check_images=[], eval_samples=[],
+                            calibration_images=[], training=manifest.training)
+    candidate = Candidate(source=exported, path=source / MODEL_FILE, exporter=manifest.export.exporter,
+                          precision="fp32", parity=manifest.export.parity_check, quantization=None, report=None,
+                          sha256=manifest.files[MODEL_FILE].sha256)
+    return register(repo, NAME, candidate)
 
 
 def test_export_failing_at_every_step_leaves_no_partial_version(imagenet_repo: Path, tmp_path: Path) -> None:

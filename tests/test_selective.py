@@ -254,3 +254,18 @@ def test_explain_says_whether_the_explained_answer_is_confident(live: Live) -> N
     assert png.status_code == 200 and png.headers["x-confident"] == "false"
     plain = live.server.client.post("/explain", files={"image": ("d.png", live.sure)}, data={"model": IMAGENET})
     assert plain.status_code == 200 and plain.json()["confident"] is None
+
+
+def test_grpc_answers_carry_the_same_parameters() -> None:
+    from service.http.v2 import grpc_codec
+    from service.http.v2.request import InferRequest
+    from service.http.v2.serving import confidence_parameters
+    from service.selective import Verdict
+
+    parameters = confidence_parameters([Verdict(True, 0.97), Verdict(False, 0.97)])
+    assert parameters == {"confident": False, "threshold": 0.97, "confident_items": "true,false"}
+    response = grpc_codec.encode_response(InferRequest("digits", 1, ()), [], parameters)
+    assert response.parameters["confident"].bool_param is False
+    assert response.parameters["confident_items"].string_param == "true,false"
+    assert float(response.parameters["threshold"].string_param) == 0.97  # gRPC parameters hold no floats
+    assert confidence_parameters([Verdict(None, None)]) == {}
