@@ -13,6 +13,7 @@ target is what makes the target hold on new data (the pipeline's held-out report
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -144,13 +145,15 @@ class Verdict:
 
 def parse_min_score(value: object) -> float | None:
     """A request's ``min_score``: a number in [0, 1], or None. Raises ValueError saying what is allowed."""
-    if value is None or value == "":
+    if value is None:
         return None
     try:
-        if isinstance(value, bool):  # JSON true is not a score
+        if isinstance(value, str):  # text must be a JSON number, as a form field's value is read
+            value = json.loads(value)
+        if isinstance(value, bool | str):  # JSON true is not a score
             raise TypeError
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # json.JSONDecodeError is a ValueError
         raise ValueError(f"min_score must be a number between 0 and 1, not {value!r}") from None
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"min_score must be between 0 and 1, got {number:g}")

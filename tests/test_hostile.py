@@ -474,7 +474,9 @@ def test_mutated_photos_in_batches_fail_only_themselves(server: httpx.Client) ->
 #   image too large) and 415 (not an image) on its upload routes, as docs/serving.md documents: those two codes,
 #   on those routes, are not checked against the schema;
 # - it documents POST /batch/submit as answering a TaskStatusResponse, whose created_at and executed_at are
-#   required, but BentoML answers {"task_id", "status"} only: that response is checked for exactly those.
+#   required, but BentoML answers {"task_id", "status"} only: that response is checked for exactly those;
+# - it documents one content type per API, but POST /explain answers image/png when asked (format=png):
+#   that content type, on that route, is not checked against the schema.
 UNDOCUMENTED_BY_BENTOML = {413, 415}
 EXAMPLES_PER_OPERATION = 60
 
@@ -547,6 +549,13 @@ def test_openapi_schema_fuzzing(live: LiveServer, server: httpx.Client) -> None:
             return None
         return status_code_conformance(ctx, response, case)
 
+    def documented_content_type(ctx: Any, response: Any, case: Any) -> bool | None:
+        kind = response.headers.get("content-type") or response.headers.get("Content-Type") or ""
+        kind = kind[0] if isinstance(kind, list) and kind else kind
+        if case.path == "/explain" and str(kind).startswith("image/png"):
+            return None  # format=png: BentoML documents one content type per API (JSON here)
+        return content_type_conformance(ctx, response, case)
+
     def documented_body(ctx: Any, response: Any, case: Any) -> bool | None:
         if (case.method, case.path, response.status_code) == ("POST", "/batch/submit", 200):
             body = response.json()
@@ -562,7 +571,7 @@ def test_openapi_schema_fuzzing(live: LiveServer, server: httpx.Client) -> None:
     failures: list[str] = []
     statuses: Counter[tuple[str, int]] = Counter()
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-        checks = [not_a_server_error, documented_status, content_type_conformance, documented_body]
+        checks = [not_a_server_error, documented_status, documented_content_type, documented_body]
         if mode == GenerationMode.NEGATIVE:
             checks.append(negative_data_rejection)
         for op in operations:

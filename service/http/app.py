@@ -21,7 +21,6 @@ from pydantic import Field
 
 from service.batch.archive import check_archive, score_archive
 from service.batch.scoring import Scorer
-from service.explain import Explanation
 from service.http import metrics
 from service.http.admin import AdminRoute, reload_response
 from service.http.admission import Admission, LoadEstimate
@@ -36,7 +35,7 @@ from service.http.guard import RequestGuard, UploadRoute
 from service.http.monitor import Monitor
 from service.http.routes import ModelsRoute, ReadyRoute, models_response
 from service.http.sampling import Sampler
-from service.http.schemas import BatchResponse, ClassifyResponse, ReloadResponse
+from service.http.schemas import BatchResponse, ClassifyResponse, ExplainResponse, ReloadResponse
 from service.http.ui import UiRoute
 from service.http.v2.grpc_server import GrpcFront
 from service.http.v2.openapi import V2OpenAPI
@@ -137,13 +136,14 @@ class Classifier:
 
     @bentoml.api
     async def explain(self, image: Path, model: str | None = None, target: str | None = None,
-                      format: Literal["json", "png"] = "json") -> Explanation:
+                      format: Literal["json", "png"] = "json") -> ExplainResponse:
         """Where the model saw a class (multipart field `image`; `target`: a label or an index, default top-1):
         a heatmap in [0, 1] over the model's input crop and where that crop lies in the upright photo.
         `format=png` answers the heatmap over the crop as image/png instead (the JSON fields in X- headers)."""
         data = await asyncio.to_thread(image.read_bytes)
         result = await explain_one(self.live, self.limits, data, ExplainOptions(model, target or None, format))
-        return result.explanation()  # over HTTP, ExplainRoute answers (png included) before this is reached
+        # over HTTP, ExplainRoute answers (png included) before this is reached
+        return ExplainResponse.model_validate(result.explanation().model_dump())
 
     # --- batch jobs over HTTP ----------------------------------------------------------------------
     @bentoml.task(route="/batch")

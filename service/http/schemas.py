@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.explain import Explanation
 from service.preprocessing.spec import PreprocessSpec
 from service.selective import Selective
 
@@ -116,3 +117,7 @@ class ReloadResponse(_Body):
 
     models: list[ServedVersion]
     changed: list[VersionChange] = Field(description="models whose version this reload changed; empty: none")
+
+
+class ExplainResponse(_Body, Explanation):
+    """POST /explain (JSON): :class:`service.explain.Explanation`, published with its nullable fields marked."""
