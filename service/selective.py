@@ -143,17 +143,19 @@ class Verdict:
     abstained: bool = False
 
 
-def parse_min_score(value: object) -> float | None:
-    """A request's ``min_score``: a number in [0, 1], or None. Raises ValueError saying what is allowed."""
+def parse_min_score(value: object, *, text: bool = False) -> float | None:
+    """A request's ``min_score``: a number in [0, 1], or None. Raises ValueError saying what is allowed.
+
+    ``text``: a string holding the number is accepted too (gRPC parameters have no floating-point type);
+    elsewhere a string is a client's mistake, as an empty field is.
+    """
     if value is None:
         return None
     try:
-        if isinstance(value, str):  # text must be a JSON number, as a form field's value is read
-            value = json.loads(value)
-        if isinstance(value, bool | str):  # JSON true is not a score
+        if isinstance(value, bool) or (isinstance(value, str) and not text):  # JSON true is not a score
             raise TypeError
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # json.JSONDecodeError is a ValueError
+    except (TypeError, ValueError):
         raise ValueError(f"min_score must be a number between 0 and 1, not {value!r}") from None
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"min_score must be between 0 and 1, got {number:g}")

@@ -78,8 +78,9 @@ def test_judge_min_score_and_abstention() -> None:
     assert judge(0.1, selective, min_score=0.05).confident is True  # the request's threshold wins
     assert judge(0.1, selective, abstain=True).abstained and not judge(0.99, selective, abstain=True).abstained
     assert judge(0.1, None, abstain=True) == judge(0.1, None)  # no threshold: never abstains
-    assert parse_min_score("0.5") == 0.5 and parse_min_score(None) is None and parse_min_score(1) == 1.0
-    for bad in ("high", 1.5, -0.1, True, float("nan")):
+    assert parse_min_score(0.5) == 0.5 and parse_min_score(None) is None and parse_min_score(1) == 1.0
+    assert parse_min_score("0.5", text=True) == 0.5  # over gRPC a number travels as a string
+    for bad in ("high", "0.5", "", 1.5, -0.1, True, float("nan")):
         with pytest.raises(ValueError, match="min_score"):
             parse_min_score(bad)
 

@@ -199,7 +199,7 @@ def build_request(inputs: Sequence[RawInput], outputs: Sequence[RawOutput] | Non
                       "with the bytes after the JSON header")
     binary_default = bool(_bool_param(parameters, "binary_data_output", "request"))
     try:
-        min_score = parse_min_score(parameters.get("min_score"))
+        min_score = parse_min_score(parameters.get("min_score"), text=True)  # gRPC has no float parameter
     except ValueError as exc:
         raise invalid(f"request: parameters.{exc}") from None
     requested = _outputs(outputs, facts, binary_default)
