@@ -13,7 +13,6 @@ target is what makes the target hold on new data (the pipeline's held-out report
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
