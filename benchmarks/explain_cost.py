@@ -33,7 +33,7 @@ from typing import Any
 from benchmarks.batch_throughput import write_jpegs
 from benchmarks.loadgen import BOUNDARY, closed_loop
 from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
-from imgclf.devserver import running_server
+from imgclf.devserver import running_server, tree_cpu_seconds
 
 NAME = "imagenet-lite0"
 LEGACY = "legacy-lite0"  # the same model, its manifest written as before explanations: occlusion
@@ -100,21 +100,6 @@ def in_process(version: Any, images: list[bytes], rounds: int) -> dict[str, Any]
             "ratio": median["explain_json"] / median["classify"]}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process tree so far (BentoML's arbiter and its workers)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, help="model repository with imagenet-lite0 (default: bootstrap one)")
@@ -153,10 +138,10 @@ def main() -> None:
                 turn = order[r % len(order):] + order[:r % len(order)]
                 for name in turn:
                     one = asyncio.run(closed_loop(srv.url, payloads[name], 1, args.seconds))
-                    before = cpu_seconds(srv.proc.pid)
+                    before = tree_cpu_seconds(srv.proc.pid)
                     many = asyncio.run(closed_loop(srv.url, payloads[name], args.concurrency, args.seconds,
                                                    warmup_s=0.0))
-                    spent = cpu_seconds(srv.proc.pid) - before
+                    spent = tree_cpu_seconds(srv.proc.pid) - before
                     assert one["errors"] == many["errors"] == 0, (name, one["statuses"], many["statuses"])
                     rounds[name]["cpu_ms"].append(spent * 1000 / max(1, many["ok"]))
                     rounds[name]["p50_ms"].append(one["p50_ms"])

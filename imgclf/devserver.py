@@ -33,6 +33,24 @@ def serve_command(repo: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "imgclf.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` and its live descendants (a server and
+    its workers); 0 when the process is gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 @dataclass
 class LiveServer:
     """A running server: a client on its base URL, its process, its log and how long it took to be ready."""

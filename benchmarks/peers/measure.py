@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 
 from benchmarks.loadgen import Connection, closed_loop
+from imgclf.devserver import tree_cpu_seconds
 
 TAIL_LIMIT_S = 150.0  # longest wait for answers past a phase's end (TorchServe's own timeout is 120 s)
 
@@ -56,23 +57,6 @@ def ceiling(images: list[bytes], model_path: Any, spec: Any, n_cores: int) -> di
             "work_core_ms": work * 1000, "ceiling_images_per_s": n_cores / work}
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and all its live descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def _self_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -95,10 +79,10 @@ def phase(url: str, payloads: list[bytes], concurrency: int, seconds: float, war
     if warmup_s > 0:
         asyncio.run(asyncio.wait_for(closed_loop(url, payloads, concurrency, warmup_s, warmup_s=0), limit))
     load1 = os.getloadavg()[0]
-    server0, client0, busy0, t0 = tree_cpu_s(server_pid), _self_cpu_s(), _busy_s(), time.perf_counter()
+    server0, client0, busy0, t0 = tree_cpu_seconds(server_pid), _self_cpu_s(), _busy_s(), time.perf_counter()
     result = asyncio.run(asyncio.wait_for(closed_loop(url, payloads, concurrency, seconds, warmup_s=0), limit))
     wall = time.perf_counter() - t0
-    server_s, client_s = tree_cpu_s(server_pid) - server0, _self_cpu_s() - client0
+    server_s, client_s = tree_cpu_seconds(server_pid) - server0, _self_cpu_s() - client0
     busy = _busy_s() - busy0
     answered = sum(result["statuses"].values()) + result["transport_errors"]
     ok = result["ok"]

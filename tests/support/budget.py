@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import psutil
+from imgclf.devserver import tree_cpu_seconds
 
 
 @dataclass
@@ -21,19 +21,6 @@ class CpuUsage:
     """CPU seconds (user + system) spent inside a ``cpu_seconds`` block; set when the block ends."""
 
     seconds: float = 0.0
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by process ``pid`` and its live descendants (a server and its workers)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 @contextmanager
