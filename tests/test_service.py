@@ -142,6 +142,8 @@ def test_bad_inputs_get_clear_4xx(server: httpx.Client) -> None:
         (classify(server, good, top_k="-1"), 400, "top_k"),
         (classify(server, good, top_k="1000000"), 400, "top_k"),
         (classify(server, good, top_k="many"), 400, "top_k"),
+        (classify(server, good, top_k="true"), 400, "top_k"),  # JSON true is not the count 1
+        (classify(server, good, top_k="2.5"), 400, "top_k"),
         (classify(server, good, model="no-such-model"), 404, "not served"),
         (classify(server, good, model="imagenet-lite0:7"), 404, "not served"),
         (classify(server, good, model="../../etc/passwd"), 400, "invalid model name"),

@@ -13,10 +13,10 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Annotated, cast
 
 import numpy as np
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Strict, TypeAdapter, ValidationError
 
 from service.http import metrics
 from service.http.catalog import LiveCatalog
@@ -46,7 +46,8 @@ def _form_value(text: str | None) -> object:
         return text
 
 
-_TOP_K, _MODEL = TypeAdapter(int), TypeAdapter(str | None)
+# Strict: JSON ``true`` is not a count (lax pydantic would read it as 1), nor is 2.5 or "5 ".
+_TOP_K, _MODEL = TypeAdapter(Annotated[int, Strict()]), TypeAdapter(str | None)
 
 
 def form_options(fields: dict[str, str]) -> tuple[int, str | None]:
