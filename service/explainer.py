@@ -32,13 +32,12 @@ from service.explain import (
     Explanation,
     Head,
     Heatmap,
-    crop_box,
     heatmaps,
     occlusion,
-    overlay_png,
     resolve_target,
 )
 from service.manifest import Manifest
+from service.overlay import crop_box, overlay_png
 from service.preprocessing import (
     DecodeLimits,
     ImageTooLargeError,

@@ -101,3 +101,18 @@ def test_http_e2e_and_cold_start_benchmarks_run(tmp_path: Path, imagenet_repo: P
     cold = _bench("benchmarks.cold_start", "--repo", str(imagenet_repo), "--runs", "1", "--out", str(tmp_path))
     assert cold.returncode == 0, cold.stderr[-3000:]
     assert json.loads((tmp_path / "cold_start.json").read_text())["median"]["ready_s"] > 0
+
+
+def test_decoder_benchmark_runs(tmp_path: Path) -> None:
+    result = _bench("benchmarks.decoders", "--rounds", "1", "--megapixels", "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "decoders.json").read_text())["rows"]
+    assert set(rows) == {"small", "12 MP"} and all(r["ms"]["simplejpeg"] > 0 for r in rows.values())
+
+
+def test_int8_imagenet_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> None:
+    result = _bench("benchmarks.int8_imagenet", "--models", str(imagenet_repo), "--photos", "2", "--rounds", "1",
+                    "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "int8_imagenet.json").read_text())
+    assert payload["views"] == sum(r["views"] for r in payload["rows"]) > 0 and 0 <= payload["agreement"] <= 1

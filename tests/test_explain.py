@@ -20,20 +20,18 @@ import torch
 from PIL import Image
 
 from service.explain import (
-    JET,
     ExplainError,
     ExplainSpec,
     Head,
     HeadOp,
     Heatmap,
-    crop_box,
     gradcam,
     heatmaps,
     occlusion,
-    overlay_png,
     resolve_target,
     upsample,
 )
+from service.overlay import JET, crop_box, overlay_png
 from service.preprocessing import PreprocessSpec, decode_for_spec, image_to_tensor, resize_and_crop
 from training.config import ModelConfig
 from training.explain.featuremaps import feature_maps, write_featuremaps

@@ -26,10 +26,11 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from imgclf.devserver import LiveServer
-from service.explain import ExplainError, crop_box, overlay
+from service.explain import ExplainError
 from service.explainer import Explainer, prepare
 from service.http.served import ServedModel
 from service.manifest import Manifest
+from service.overlay import crop_box, overlay
 from service.preprocessing import image_to_tensor
 from service.repository import MANIFEST, ModelRepository
 from service.runtime import OnnxModel, create_session, run_logits

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from service.explain import ExplainTarget, overlay_png, resolve_target
+from service.explain import ExplainTarget, resolve_target
 from service.explainer import prepare
+from service.overlay import overlay_png
 from service.preprocessing import PreprocessSpec
 
 

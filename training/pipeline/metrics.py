@@ -13,10 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.repository import ModelVersion
 from service.runtime import softmax
 from service.selective import measured_at
 from training.data import Sample
 from training.evaluation import expected_calibration_error, topk_accuracy
+from training.export import Candidate, onnx_logits
+from training.pipeline.data import ValidatedData
 from training.pipeline.deploy import SmokeCheck
 
 SMOKE_TARGET_SCORE = 0.8
@@ -61,3 +64,33 @@ def pick_smoke(logits: np.ndarray, samples: list[Sample], labels: list[str], tem
     sample = samples[best]
     return SmokeCheck(image=sample.read(), filename=Path(sample.name).name, source=sample.name,
                       label=labels[int(preds[best])], index=int(preds[best]), score=float(probs[best, preds[best]]))
+
+
+def candidate_metrics(candidate: Candidate, validated: ValidatedData) -> tuple[dict[str, Any], SmokeCheck | None]:
+    """The checked candidate file through ONNX Runtime on the held-out set, and the smoke image it picks."""
+    labels, spec = candidate.source.labels, candidate.source.spec
+    samples = validated.holdout_samples(labels)
+    logits = onnx_logits(candidate.path, samples, spec)
+    temperature = (candidate.report or {}).get("temperature", 1.0)
+    threshold = candidate.measured.selective.threshold if candidate.measured else None
+    return (holdout_metrics(logits, samples, labels, temperature, threshold),
+            pick_smoke(logits, samples, labels, temperature))
+
+
+def production_metrics(production: ModelVersion, validated: ValidatedData) -> dict[str, Any]:
+    """Production on the same held-out images, at its own temperature and threshold."""
+    m = production.manifest
+    samples = validated.holdout_samples(m.labels)
+    logits = onnx_logits(production.model_path, samples, m.preprocessing)
+    threshold = m.selective.threshold if m.selective else None
+    return holdout_metrics(logits, samples, m.labels, m.temperature, threshold) | {"version": m.version}
+
+
+def selective_summary(selective: dict[str, Any]) -> str:
+    """What the confidence threshold chosen on validation gives on the held-out set, for the step summary."""
+    if selective["threshold"] is None:
+        return ""
+    if selective["precision"] is None:
+        return " (no held-out answer confident)"
+    return (f" (confident from {selective['threshold']:.4g}: precision {selective['precision']:.4f}, "
+            f"coverage {selective['coverage']:.3f})")

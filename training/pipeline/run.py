@@ -37,12 +37,12 @@ from typing import Any
 from service.repository import PRODUCTION, ModelRepository, ModelVersion, RepositoryError
 from training.config import ConfigError
 from training.data import DataError
-from training.export import Candidate, ExportError, from_run, onnx_logits, prepare, register
+from training.export import Candidate, ExportError, from_run, prepare, register
 from training.pipeline.config import PipelineConfig
 from training.pipeline.data import ValidatedData, validate_data
 from training.pipeline.deploy import ServiceCheck, SmokeCheck, reload_and_verify
 from training.pipeline.gate import GateDecision, decide
-from training.pipeline.metrics import holdout_metrics, pick_smoke
+from training.pipeline.metrics import candidate_metrics, production_metrics, selective_summary
 from training.pipeline.record import (
     EXIT_CODES,
     Recorder,
@@ -207,24 +207,14 @@ class _Run:
         with self.rec.step("evaluate") as step:
             parts = []
             if candidate is not None:
-                labels, spec = candidate.source.labels, candidate.source.spec
-                samples = validated.holdout_samples(labels)
-                logits = onnx_logits(candidate.path, samples, spec)
-                temperature = (candidate.report or {}).get("temperature", 1.0)
-                threshold = candidate.measured.selective.threshold if candidate.measured else None
-                self.record.metrics["candidate"] = holdout_metrics(logits, samples, labels, temperature, threshold)
-                smoke = pick_smoke(logits, samples, labels, temperature)
+                self.record.metrics["candidate"], smoke = candidate_metrics(candidate, validated)
                 self.record.metrics["smoke"] = smoke.describe() if smoke else None
                 parts.append(f"candidate top-1 {self.record.metrics['candidate']['top1']:.4f}"
-                             + _selective_part(self.record.metrics["candidate"]["selective"]))
+                             + selective_summary(self.record.metrics["candidate"]["selective"]))
             if production is not None and not labels_changed:
-                m = production.manifest
-                samples = validated.holdout_samples(m.labels)
-                logits = onnx_logits(production.model_path, samples, m.preprocessing)
-                self.record.metrics["production"] = holdout_metrics(
-                    logits, samples, m.labels, m.temperature, m.selective.threshold if m.selective else None) | {
-                    "version": m.version}
-                parts.append(f"production v{m.version} top-1 {self.record.metrics['production']['top1']:.4f}")
+                self.record.metrics["production"] = production_metrics(production, validated)
+                parts.append(f"production v{production.manifest.version} top-1 "
+                             f"{self.record.metrics['production']['top1']:.4f}")
             step.summary = ", ".join(parts) + f" on {len(validated.holdout)} held-out images" if parts else "nothing"
         return smoke
 
@@ -326,16 +316,6 @@ class _Run:
 
 def _combine(fingerprints: dict[str, str]) -> str:
     return hashlib.sha256("|".join(fingerprints[k] for k in ("data", "holdout", "config")).encode()).hexdigest()
-
-
-def _selective_part(selective: dict[str, Any]) -> str:
-    """What the confidence threshold chosen on validation gives on the held-out set, for the step summary."""
-    if selective["threshold"] is None:
-        return ""
-    if selective["precision"] is None:
-        return " (no held-out answer confident)"
-    return (f" (confident from {selective['threshold']:.4g}: precision {selective['precision']:.4f}, "
-            f"coverage {selective['coverage']:.3f})")
 
 
 def _fresh(path: Path) -> Path:
