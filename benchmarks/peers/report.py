@@ -137,8 +137,10 @@ def markdown(results: dict[str, Any]) -> str:
         (f"**How busy the machine was**: load average (1 min) {results['load']['start'][0]:.1f} at the start and "
          f"{results['load']['end'][0]:.1f} at the end; other processes took {results['load']['other_cores_median']:.2f} "
          f"cores (median over the phases, max {results['load']['other_cores_max']:.2f}) of {results['cores']} while "
-         "servers were measured (so the ceiling, which assumes every core, was not on offer). Only ratios "
-         "within a round mean much on a shared host."),
+         "servers were measured"
+         + (" (so the ceiling, which assumes every core, was not on offer)"
+            if results['load']['other_cores_median'] > 0.1 else "")
+         + ". Only ratios within a round mean much on a shared host."),
         "",
         ("Median (min-max) over the rounds. Small = ImageNet-sized real-photo JPEGs (500x375 and 375x500), "
          "12 MP = 12-megapixel JPEGs of the same photos; one image per request; the same load generator "
