@@ -463,11 +463,20 @@ def test_promotion_of_a_broken_version_is_refused(imagenet_repo: Path, tmp_path:
 # --- soak, short -----------------------------------------------------------------------------------------------------
 
 
+MAX_GROWTH_MB = 150
+
+
 def test_soak_short(imagenet_repo: Path, tmp_path: Path) -> None:
-    """benchmarks/soak.py with small numbers: mixed valid and invalid inputs, reloads, memory."""
+    """benchmarks/soak.py with small numbers: mixed valid and invalid inputs, reloads, memory.
+
+    The memory limit is for three reloads, not the soak's 50 MB over twenty: a retired session that
+    stayed alive would add about 300 MB (what RSS rises by while two sessions overlap during a
+    reload), while glibc's arenas still settle by 20-30 MB per reload over the first few (measured
+    under two CPU hogs: +68 MB after three; level after about twenty, benchmarks/NOTES.md).
+    """
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--repo", str(imagenet_repo), "--requests", "600", "--reloads", "3",
-         "--warmup", "100", "--out", str(tmp_path)],
+         "--warmup", "100", "--max-growth-mb", str(MAX_GROWTH_MB), "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -476,6 +485,6 @@ def test_soak_short(imagenet_repo: Path, tmp_path: Path) -> None:
     assert r["requests"] == 600 and r["valid_errors"] == 0, r
     assert r["reloads_ok"] == 3 and r["reload_failures"] == 0, r
     assert r["invalid_unexpected"] == 0 and r["invalid"] > 100, r
-    assert r["rss_growth_mb"] < 50, r
+    assert r["rss_growth_mb"] < MAX_GROWTH_MB, r
     assert payload["passed"] is True
     assert "| requests |" in (tmp_path / "soak.md").read_text()
