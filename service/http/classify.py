@@ -46,7 +46,7 @@ def _form_value(text: str | None) -> object:
         return text
 
 
-# Strict: JSON ``true`` is not a count (lax pydantic would read it as 1), nor is 2.5 or "5 ".
+# Strict: JSON ``true`` is not a count (lax pydantic reads it as 1), nor are 2.5 and the JSON string "5".
 _TOP_K, _MODEL = TypeAdapter(Annotated[int, Strict()]), TypeAdapter(str | None)
 
 

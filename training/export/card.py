@@ -65,10 +65,10 @@ def model_card(manifest: Manifest) -> str:
         "**Intended use.** Classifying images like those it was trained on, into the classes above.",
         "",
         (
-            "**Limits.** It scores every image against its classes, also images of none of them: where it has a "
-            "confidence threshold, an answer under it is marked `confident: false` (and withheld with `IMGCLF_ABSTAIN=1`), which "
-            "is no promise about such images; scores are calibrated on the validation data only; accuracy on "
-            "other distributions (other cameras, lighting, domains) is not measured here."
+            "**Limits.** It scores every image against its classes, also images of none of them: where it has "
+            "a confidence threshold, an answer under it is marked `confident: false` (and withheld with "
+            "`IMGCLF_ABSTAIN=1`), which is no promise about such images; scores are calibrated on the validation "
+            "data only; accuracy on other distributions (other cameras, lighting, domains) is not measured here."
         ),
         "",
     ]
