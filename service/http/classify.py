@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, cast
 
 import numpy as np
-from pydantic import BaseModel, Strict, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, TypeAdapter, ValidationError
 
 from service.http import metrics
 from service.http.catalog import LiveCatalog
@@ -46,8 +46,15 @@ def _form_value(text: str | None) -> object:
         return text
 
 
-# Strict: JSON ``true`` is not a count (lax pydantic reads it as 1), nor are 2.5 and the JSON string "5".
-_TOP_K, _MODEL = TypeAdapter(Annotated[int, Strict()]), TypeAdapter(str | None)
+def _not_a_bool(value: object) -> object:
+    """JSON ``true`` is not a count; pydantic's lax ``int`` would read it as 1 (it refuses 2.5 itself)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not an integer")  # noqa: TRY004 - pydantic turns only ValueError into a 400
+    return value
+
+
+# Lax otherwise: 5.0 is an integer to JSON Schema, and "5" is what BentoML's own form parsing accepts.
+_TOP_K, _MODEL = TypeAdapter(Annotated[int, BeforeValidator(_not_a_bool)]), TypeAdapter(str | None)
 
 
 def form_options(fields: dict[str, str]) -> tuple[int, str | None]:
