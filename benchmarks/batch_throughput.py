@@ -69,11 +69,28 @@ def manifest(path: Path, files: list[Path], inputs: int) -> Path:
     return path
 
 
+def inference_core_seconds(model_path: Any, tensors: list[np.ndarray], sizes: tuple[int, ...] | list[int],
+                           images_per_size: int) -> dict[int, float]:
+    """Core-seconds per image of a one-thread session at each batch size (after one warm-up batch)."""
+    from service.runtime import create_session, run_logits
+
+    session = create_session(model_path, "cpu", intra_op_threads=1)
+    per_batch: dict[int, float] = {}
+    for size in sizes:
+        batch = np.stack([tensors[i % len(tensors)] for i in range(size)])
+        run_logits(session, batch)
+        reps = max(2, images_per_size // size)
+        start = time.process_time()
+        for _ in range(reps):
+            run_logits(session, batch)
+        per_batch[size] = (time.process_time() - start) / (reps * size)
+    return per_batch
+
+
 def ceiling(files: list[Path], model_path: Path, spec: Any, cores: int) -> dict[str, Any]:
     """Core-seconds per image for decode+preprocess and for inference at each batch size."""
     from service.batch.inputs import read_input
     from service.preprocessing import DecodeLimits, image_to_tensor
-    from service.runtime import create_session, run_logits
 
     limits = DecodeLimits()
     for f in files[:4]:  # warm the page cache and Pillow
@@ -81,16 +98,7 @@ def ceiling(files: list[Path], model_path: Path, spec: Any, cores: int) -> dict[
     start = time.process_time()
     tensors = [image_to_tensor(read_input(str(f), limits.max_bytes), spec, limits) for f in files]
     decode = (time.process_time() - start) / len(files)
-    session = create_session(model_path, "cpu", intra_op_threads=1)
-    per_batch: dict[int, float] = {}
-    for size in BATCH_SIZES:
-        batch = np.stack([tensors[i % len(tensors)] for i in range(size)])
-        run_logits(session, batch)
-        reps = max(2, 256 // size)
-        start = time.process_time()
-        for _ in range(reps):
-            run_logits(session, batch)
-        per_batch[size] = (time.process_time() - start) / (reps * size)
+    per_batch = inference_core_seconds(model_path, tensors, BATCH_SIZES, images_per_size=256)
     best = min(per_batch, key=per_batch.__getitem__)
     return {
         "decode_core_ms": decode * 1000, "inference_core_ms": {k: v * 1000 for k, v in per_batch.items()},

@@ -33,6 +33,7 @@ from service.explain import (
 )
 from service.overlay import JET, crop_box, overlay_png
 from service.preprocessing import PreprocessSpec, decode_for_spec, image_to_tensor, resize_and_crop
+from tests.support.heatmaps import assert_peak_in_cell
 from training.config import ModelConfig
 from training.explain.featuremaps import feature_maps, write_featuremaps
 from training.explain.gradcam import explain_image, pearson, torch_gradcam
@@ -176,12 +177,7 @@ def test_localisation_on_real_photos(name: str, imagenet_lite0) -> None:
         with torch.no_grad():
             _, features = eh.module(x)
         hm = heatmaps(head, features.numpy(), [target], bundle.spec.input_size)[0]
-        h, w = hm.shape
-        r, c = divmod(cell, 2)
-        py, px = np.unravel_index(int(hm.argmax()), hm.shape)
-        assert (py * 2 // h, px * 2 // w) == (r, c), f"{name}: peak outside cell {cell}"
-        mass = hm[r * h // 2 : (r + 1) * h // 2, c * w // 2 : (c + 1) * w // 2].sum() / hm.sum()
-        assert mass > 0.5, f"{name} in cell {cell}: only {mass:.2f} of the map's mass"
+        assert_peak_in_cell(hm, cell, name)
 
 
 def test_occlusion_is_batched_and_finds_the_evidence() -> None:

@@ -35,6 +35,7 @@ from service.preprocessing import image_to_tensor
 from service.repository import MANIFEST, ModelRepository
 from service.runtime import OnnxModel, create_session, run_logits
 from tests.support import ROOT, images
+from tests.support.heatmaps import assert_peak_in_cell
 from tests.support.servers import AUTH, NAME, TOKEN, add_copy, copy_repo, serve
 
 LEGACY = "legacy-lite0"
@@ -248,13 +249,7 @@ def test_localisation_through_the_endpoint(server: LiveServer, name: str) -> Non
                                data={"top_k": "1"}).json()["predictions"][0]["index"]
     for cell in range(4):
         body = explain(server, _canvas(photo, cell), target=str(alone)).json()
-        heat = np.asarray(body["heatmap"]["values"])
-        h, w = heat.shape
-        r, c = divmod(cell, 2)
-        py, px = np.unravel_index(int(heat.argmax()), heat.shape)
-        assert (py * 2 // h, px * 2 // w) == (r, c), f"{name}: peak outside cell {cell}"
-        mass = heat[r * h // 2:(r + 1) * h // 2, c * w // 2:(c + 1) * w // 2].sum() / heat.sum()
-        assert mass > 0.5, f"{name} in cell {cell}: only {mass:.2f} of the map's mass"
+        assert_peak_in_cell(np.asarray(body["heatmap"]["values"]), cell, name)
 
 
 def test_the_openapi_document_describes_explain(server: LiveServer) -> None:

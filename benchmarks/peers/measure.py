@@ -14,7 +14,6 @@ import resource
 import time
 from typing import Any
 
-import numpy as np
 import psutil
 
 from benchmarks.loadgen import Connection, closed_loop
@@ -33,24 +32,15 @@ def ceiling(images: list[bytes], model_path: Any, spec: Any, n_cores: int) -> di
     Decode is ``image_to_tensor`` over the images (after a warm pass); inference a single-threaded
     session at batch 1 and 8 (the best is used; larger batches gain nothing on this CPU, NOTES.md 3).
     """
+    from benchmarks.batch_throughput import inference_core_seconds
     from service.preprocessing import DecodeLimits, image_to_tensor
-    from service.runtime import create_session, run_logits
 
     limits = DecodeLimits()
     tensors = [image_to_tensor(d, spec, limits) for d in images[:2]]
     start = time.process_time()
     tensors = [image_to_tensor(d, spec, limits) for d in images]
     decode = (time.process_time() - start) / len(images)
-    session = create_session(model_path, "cpu", intra_op_threads=1)
-    per_batch: dict[int, float] = {}
-    for size in (1, 8):
-        batch = np.stack([tensors[i % len(tensors)] for i in range(size)])
-        run_logits(session, batch)
-        reps = max(2, 48 // size)
-        start = time.process_time()
-        for _ in range(reps):
-            run_logits(session, batch)
-        per_batch[size] = (time.process_time() - start) / (reps * size)
+    per_batch = inference_core_seconds(model_path, tensors, (1, 8), images_per_size=48)
     best = min(per_batch, key=per_batch.__getitem__)
     work = decode + per_batch[best]
     return {"decode_core_ms": decode * 1000, "inference_core_ms": per_batch[best] * 1000, "best_batch": best,
