@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import Connection, multipart_request
 from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
@@ -183,6 +184,44 @@ def metric_total(text: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+DURATION = "bentoml_service_request_duration_seconds"
+
+
+def duration_buckets(text: str, endpoint: str = "/classify") -> dict[str, dict[float, float]]:
+    """status -> {bucket upper bound in s: cumulative count} of BentoML's request-duration histogram."""
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{DURATION}_bucket" and sample.labels.get("endpoint") == endpoint:
+                per_status = out.setdefault(sample.labels["http_response_code"], {})
+                bound = float(sample.labels["le"])
+                per_status[bound] = per_status.get(bound, 0.0) + sample.value  # summed over workers
+    return out
+
+
+def server_side(before: str, after: str, endpoint: str = "/classify") -> dict[str, dict[str, float | None]]:
+    """Per status, what the server itself measured between two /metrics scrapes: count and the bucket bounds
+    below which half and 99% of the answers fell.
+
+    The server's clock starts when the request reaches it, so a load generator starved of CPU (a busy
+    machine, this same process) cannot inflate these as it inflates the client-side latencies.
+    """
+    old, new = duration_buckets(before, endpoint), duration_buckets(after, endpoint)
+    out: dict[str, dict[str, float | None]] = {}
+    for status, buckets in new.items():
+        cumulative = sorted((bound, count - old.get(status, {}).get(bound, 0.0)) for bound, count in buckets.items())
+        if cumulative[-1][1] > 0:
+            out[status] = {"count": cumulative[-1][1], "p50_le_ms": _bound_for(cumulative, 0.5),
+                           "p99_le_ms": _bound_for(cumulative, 0.99)}
+    return out
+
+
+def _bound_for(cumulative: list[tuple[float, float]], share: float) -> float | None:
+    """The smallest bucket bound (ms) holding ``share`` of the answers; None when only +Inf does."""
+    bound = next(b for b, c in cumulative if c >= share * cumulative[-1][1])
+    return None if bound == float("inf") else bound * 1000
+
+
 def overload_run(url: str, image: bytes, *, factor: float = 4.0, seconds: float = 10.0, baseline_s: float = 4.0,
                  capacity_concurrency: int = 4, settle_s: float = 1.0) -> dict[str, Any]:
     """The four phases against a running server; the figures of each, and the refusals the metrics counted."""
@@ -193,7 +232,9 @@ def overload_run(url: str, image: bytes, *, factor: float = 4.0, seconds: float 
     baseline = asyncio.run(closed_loop(url, raw, 1, baseline_s))
     capacity = asyncio.run(closed_loop(url, raw, capacity_concurrency, baseline_s))
     rate = factor * capacity["ok_rps"]
+    scraped = httpx.get(f"{url}/metrics", timeout=10).text
     overload = asyncio.run(open_loop(url, raw, rate, seconds))
+    overload["server_side"] = server_side(scraped, httpx.get(f"{url}/metrics", timeout=10).text)
     time.sleep(settle_s)
     recovery = asyncio.run(closed_loop(url, raw, 1, baseline_s))
     counted = metric_total(httpx.get(f"{url}/metrics", timeout=10).text, overloaded) - before
@@ -215,6 +256,18 @@ def jpeg_photo(size: tuple[int, int] = (500, 375)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(data.chelsea()).resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def server_line(seen: dict[str, dict[str, float | None]]) -> str:
+    def within(status: str) -> str:
+        figures = seen.get(status)
+        if not figures:
+            return "none"
+        return " and ".join(f"{share} within {'-' if figures[key] is None else f'{figures[key]:g}'} ms"
+                            for share, key in (("half", "p50_le_ms"), ("99%", "p99_le_ms")))
+
+    return (f"- As the server measured them (BentoML's request-duration histogram, overload phase): refusals "
+            f"{within('503')}; accepted {within('200')}.")
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -251,6 +304,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{o['refused_with_retry_after']} with Retry-After (values {', '.join(o['retry_after_values']) or '-'} s), "
         f"{o['refused_as_json_overloaded']} with the JSON error object (kind `overloaded`); "
         f"`imgclf_errors_total{{kind=\"overloaded\"}}` counted {r['refusals_counted_in_metrics']:.0f}."),
+        server_line(o["server_side"]),
         (f"- Health during overload: {o['health']['ok']} of {o['health']['probes']} probes of /livez, /readyz, "
         f"/metrics answered 200, slowest {ms(o['health']['max_ms'])} ms."),
         f"- Server process and worker after the run: {payload['alive']}.",

@@ -38,6 +38,7 @@ from tests.support import ROOT
 from tests.support.diskfaults import Faults
 from tests.support.servers import (
     NAME,
+    RELOAD_GROWTH_LIMIT_MB,
     TOKEN,
     add_copy,
     classify,
@@ -211,12 +212,16 @@ def test_overload_is_refused_fast_and_the_service_recovers(server: LiveServer, t
     assert load["refused"] > 0 and load["ok"] > 0, summary
     assert load["statuses"].keys() <= {"200", "503"} and load["other_errors"] == 0, summary
     assert load["refused_with_retry_after"] == load["refused_as_json_overloaded"] == load["refused"], summary
-    # Latencies are compared only with others of the same run, or with the budget the server enforces by its own
-    # measured service time, never with a fixed number of ms: the ratios hold on a busy machine, fixed bounds do not.
-    assert load["refused_p50_ms"] < load["ok_p50_ms"] / 3, summary
+    # Latencies are the server's own (its request-duration histogram): the load generator shares the CPUs, and
+    # beside two CPU hogs its event loop lags by hundreds of ms, which the client-side figures include for every
+    # answer alike (refused p50 460 ms vs accepted 654 ms seen so). They are compared with others of the same run,
+    # or with the budget the server enforces by its own measured service time, never with a fixed number of ms.
+    seen = load["server_side"]
+    assert seen["503"]["p50_le_ms"] < seen["200"]["p50_le_ms"] / 3, summary
     assert result["refusals_counted_in_metrics"] == result["refusals_in_all_phases"], summary
-    # accepted requests keep a bounded latency (without admission it grows with the backlog: seconds)
-    assert load["ok_p99_ms"] < 5 * BUDGET_MS, summary
+    # accepted requests keep a bounded latency (without admission it grows with the backlog: seconds). 2.5 s is
+    # the histogram's bucket above 5 x budget; the overload phase would queue up to 15 s of work without admission.
+    assert seen["200"]["p99_le_ms"] <= 2500, summary
     # health never refused; nothing crashed; back to normal once the load stops
     assert load["health"]["ok"] == load["health"]["probes"] > 0, summary
     assert server.proc.poll() is None and [p.pid for p in workers(server)] == before
@@ -463,20 +468,15 @@ def test_promotion_of_a_broken_version_is_refused(imagenet_repo: Path, tmp_path:
 # --- soak, short -----------------------------------------------------------------------------------------------------
 
 
-MAX_GROWTH_MB = 150
-
-
 def test_soak_short(imagenet_repo: Path, tmp_path: Path) -> None:
     """benchmarks/soak.py with small numbers: mixed valid and invalid inputs, reloads, memory.
 
-    The memory limit is for three reloads, not the soak's 50 MB over twenty: a retired session that
-    stayed alive would add about 300 MB (what RSS rises by while two sessions overlap during a
-    reload), while glibc's arenas still settle by 20-30 MB per reload over the first few (measured
-    under two CPU hogs: +68 MB after three; level after about twenty, benchmarks/NOTES.md).
+    The memory limit is the suite's RELOAD_GROWTH_LIMIT_MB (below one leaked session), not the long
+    soak's 50 MB after its warm-up: three reloads are still in the arenas' settling.
     """
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--repo", str(imagenet_repo), "--requests", "600", "--reloads", "3",
-         "--warmup", "100", "--max-growth-mb", str(MAX_GROWTH_MB), "--out", str(tmp_path)],
+         "--warmup", "100", "--max-growth-mb", str(RELOAD_GROWTH_LIMIT_MB), "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -485,6 +485,6 @@ def test_soak_short(imagenet_repo: Path, tmp_path: Path) -> None:
     assert r["requests"] == 600 and r["valid_errors"] == 0, r
     assert r["reloads_ok"] == 3 and r["reload_failures"] == 0, r
     assert r["invalid_unexpected"] == 0 and r["invalid"] > 100, r
-    assert r["rss_growth_mb"] < MAX_GROWTH_MB, r
+    assert r["rss_growth_mb"] < RELOAD_GROWTH_LIMIT_MB, r
     assert payload["passed"] is True
     assert "| requests |" in (tmp_path / "soak.md").read_text()
