@@ -10,6 +10,9 @@ psutil and pandas in this environment (docs/open-inference.md).
 from __future__ import annotations
 
 import base64
+import gzip
+import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +185,38 @@ def test_classification_extension_binary_and_json(v2: V2Server, photos: list[byt
                       outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=5)])
     assert g.as_numpy("probabilities").shape == (1, 5) and g.as_numpy("probabilities")[0][0].split(b":")[2] in (
         {c.encode() for c in CATS})
+
+
+def test_compressed_requests_as_tritonclient_sends_them(v2: V2Server, photos: list[bytes]) -> None:
+    """tritonclient's request_compression_algorithm (gzip, deflate) over REST, and gRPC's own compression."""
+    expected = np.stack([classify_probabilities(v2.live.client, p) for p in photos[:2]])
+    out = [httpclient.InferRequestedOutput("probabilities")]
+    for algorithm in ("gzip", "deflate"):
+        result = v2.http.infer(NAME, [http_image_input(photos[:2])], outputs=out,
+                               request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+    g = v2.grpc.infer(NAME, [grpc_image_input(photos[:2])], outputs=[grpcclient.InferRequestedOutput("probabilities")],
+                      compression_algorithm="gzip")
+    np.testing.assert_allclose(g.as_numpy("probabilities"), expected, atol=1e-5)
+
+    url, c = f"/v2/models/{NAME}/infer", v2.live.client
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"content_type": "base64"},
+                                   "data": [base64.b64encode(photos[0]).decode()]}]}).encode()
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw = c.post(url, content=raw_deflate.compress(body) + raw_deflate.flush(), headers={"Content-Encoding": "deflate"})
+    assert raw.status_code == 200, raw.text  # raw deflate, as some HTTP clients send it
+    bomb = gzip.compress(b" " * (MAX_REQUEST + 1))  # about 16 KB that inflate past the request limit
+    cases = [
+        (c.post(url, content=gzip.compress(body), headers={"Content-Encoding": "br"}), 415, "one of: gzip, deflate"),
+        (c.post(url, content=body, headers={"Content-Encoding": "gzip"}), 400, "not valid gzip"),
+        (c.post(url, content=gzip.compress(body)[:-12], headers={"Content-Encoding": "gzip"}), 400, "ends early"),
+        (c.post(url, content=gzip.compress(body) + b"junk", headers={"Content-Encoding": "gzip"}), 400, "follow"),
+        (c.post(url, content=bomb, headers={"Content-Encoding": "gzip"}), 413, f"more than {MAX_REQUEST} bytes"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status and words in response.json()["error"], response.text
+        assert set(response.json()) == {"error"}
 
 
 def test_json_outputs_when_binary_is_not_asked(v2: V2Server, photos: list[bytes]) -> None:

@@ -19,8 +19,10 @@ from urllib.parse import unquote
 from service.http.body import BodyReader
 from service.http.errors import ASGIApp, Receive, Scope, Send
 from service.http.v2 import rest
+from service.http.v2.encoding import content_encoding, inflate
 from service.http.v2.errors import V2Error
-from service.http.v2.facts import model_config, model_metadata, server_metadata
+from service.http.v2.facts import ModelFacts, model_config, model_metadata, server_metadata
+from service.http.v2.request import InferRequest
 from service.http.v2.serving import Overloaded, V2Service
 
 log = logging.getLogger(__name__)
@@ -116,11 +118,9 @@ class V2Routes:
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         headers = dict(scope.get("headers") or [])
-        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-        if encoding not in ("", "identity"):
-            error = V2Error(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
-                            kind="unsupported_media_type")
-            await _send(send, self._error(error), [], "POST")
+        encoding = content_encoding(headers.get(b"content-encoding"))
+        if isinstance(encoding, V2Error):
+            await _send(send, self._error(encoding), [], "POST")
             return
         extra: list[tuple[bytes, bytes]] = []
         try:
@@ -133,7 +133,7 @@ class V2Routes:
             return
         length = headers.get(rest.HEADER_LENGTH.lower().encode())
         try:
-            answer = await self._answer(body, None if length is None else length.decode("latin-1"), route)
+            answer = await self._answer(body, encoding, None if length is None else length.decode("latin-1"), route)
         except Overloaded as exc:
             answer, extra = self._error(exc), [(b"retry-after", str(exc.retry_after).encode())]
         except V2Error as exc:
@@ -144,19 +144,24 @@ class V2Routes:
                                          kind="internal_error"))
         await _send(send, answer, extra, "POST")
 
-    async def _answer(self, body: bytes, header_length: str | None, route: Route) -> rest.RestResponse:
+    async def _answer(self, body: bytes, encoding: str, header_length: str | None,
+                      route: Route) -> rest.RestResponse:
         service = self.service
         with service.admitted():
             catalog = service.live.current  # once per request: a reload swaps it whole
             served = service.pick(catalog, route.model, route.version)
             with served.lease():  # no await between the pick and the lease
                 facts = service.facts(catalog, served)
-                if len(body) > PARSE_OFF_LOOP_BYTES:
-                    request = await asyncio.to_thread(rest.parse_request, body, header_length, facts)
+                if len(body) > PARSE_OFF_LOOP_BYTES or encoding != "identity":
+                    request = await asyncio.to_thread(self._parse, body, encoding, header_length, facts)
                 else:
-                    request = rest.parse_request(body, header_length, facts)
+                    request = self._parse(body, encoding, header_length, facts)
                 answer = await service.infer_answer(served, request, facts)
                 return rest.encode_response(request, answer.outputs, answer.parameters)
+
+
+    def _parse(self, body: bytes, encoding: str, header_length: str | None, facts: ModelFacts) -> InferRequest:
+        return rest.parse_request(inflate(body, encoding, self.max_body), header_length, facts)
 
 
 async def _send(send: Send, answer: rest.RestResponse, extra: list[tuple[bytes, bytes]], method: str) -> None:
