@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from service.atomic import LockBusyError, atomic_write_text, file_lock
+from service.repository import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,38 @@ def checkpoints_of(repo_root: Path, name: str, version: int) -> list[Path]:
     """The best checkpoints of the runs whose candidate became ``version`` (a warm start needs one)."""
     return [Path(repo_root) / r.training["run_dir"] / "checkpoints" / "best.pt" for r in read_records(repo_root, name)
             if r.versions.get("candidate") == version and r.training and r.training.get("run_dir")]
+
+
+def in_repo(repo_root: Path, path: Path) -> str:
+    """A path inside the repository is recorded relative to it (the repository may be mounted elsewhere)."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).resolve().relative_to(Path(repo_root).resolve()))
+    return str(Path(path).resolve())
+
+
+def warm_start(repo_root: Path, production: ModelVersion | None, init: str,
+               labels_changed: bool) -> tuple[Path | None, str]:
+    """The checkpoint a run starts from (None: the training config's own weights) and how to say so.
+
+    ``init: production`` continues from the checkpoint that made the production version, found in the
+    run records or the manifest's training run; it is refused, not silently replaced, when none is left.
+    """
+    own = "the training config's initial weights"
+    if init == "pretrained":
+        return None, own
+    if production is None:
+        return None, f"{own} (init: production, but there is no production version yet)"
+    if labels_changed:
+        return None, f"{own} (init: production, but the label set changed)"
+    name, version = production.manifest.name, production.manifest.version
+    candidates = checkpoints_of(repo_root, name, version)
+    if production.manifest.training.run_dir:
+        candidates.append(Path(production.manifest.training.run_dir) / "checkpoints" / "best.pt")
+    for path in candidates:
+        if path.is_file():
+            return path, f"warm start from production {name}:{version} ({in_repo(repo_root, path)})"
+    raise StopRun("failed", f"init: production needs the checkpoint of {name}:{version}, but none is left "
+                          f"(looked at {[str(p) for p in candidates] or 'nothing'}); use init: pretrained")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ crash leaves a record that says how far it got. The methods of ``_Run`` follow t
 2. changes: a run whose data and config equal those of the run that produced the current
    production version stops here (skipped: no changes), unless forced.
 3. train: ``training.train.train`` with the config's recipe, from the config's initial weights or
-   warm-started from production's checkpoint (``init``).
+   warm-started from production's checkpoint (``init``; ``training.pipeline.record.warm_start``).
 4. export_checks: ``training.export.prepare`` (ONNX export and every export check; parity images
    from the validation split, then the held-out set), nothing registered yet.
 5. evaluate: candidate and production on the same held-out images through ONNX Runtime and
@@ -24,7 +24,6 @@ crash leaves a record that says how far it got. The methods of ``_Run`` follow t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import traceback
@@ -49,11 +48,12 @@ from training.pipeline.record import (
     RunRecord,
     StepRecord,
     StopRun,
-    checkpoints_of,
+    in_repo,
     new_run_id,
     records_dir,
     run_lock,
     run_that_made,
+    warm_start,
 )
 from training.train import train
 
@@ -94,10 +94,7 @@ class _Run:
         return self.rec.record
 
     def _rel(self, path: Path) -> str:
-        """A path inside the repository is recorded relative to it (the repository may be mounted elsewhere)."""
-        with contextlib.suppress(ValueError):
-            return str(Path(path).resolve().relative_to(self.repo.root.resolve()))
-        return str(Path(path).resolve())
+        return in_repo(self.repo.root, path)
 
     # --- the steps ---------------------------------------------------------------------------------
     def production(self) -> ModelVersion | None:
@@ -143,31 +140,13 @@ class _Run:
         if unchanged:
             raise StopRun("skipped", step.summary)
 
-    def init_weights(self, production: ModelVersion | None, labels_changed: bool) -> tuple[Path | None, str]:
-        own = "the training config's initial weights"
-        if self.cfg.init == "pretrained":
-            return None, own
-        if production is None:
-            return None, f"{own} (init: production, but there is no production version yet)"
-        if labels_changed:
-            return None, f"{own} (init: production, but the label set changed)"
-        version = production.manifest.version
-        candidates = checkpoints_of(self.repo.root, self.name, version)
-        if production.manifest.training.run_dir:
-            candidates.append(Path(production.manifest.training.run_dir) / "checkpoints" / "best.pt")
-        for path in candidates:
-            if path.is_file():
-                return path, f"warm start from production {self.name}:{version} ({self._rel(path)})"
-        raise StopRun("failed", f"init: production needs the checkpoint of {self.name}:{version}, but none is left "
-                              f"(looked at {[str(p) for p in candidates] or 'nothing'}); use init: pretrained")
-
     def train(self, validated: ValidatedData, production: ModelVersion | None, labels_changed: bool) -> Path:
         with self.rec.step("train") as step:
             work = Path(self.cfg.work_dir) if self.cfg.work_dir else records_dir(self.repo.root, self.name) / "runs"
             run_dir = (work / self.record.run_id).resolve()
             source = validated.write_manifest(run_dir / "pipeline-data.csv")
             tcfg = self.cfg.train_config(source)
-            init, described = self.init_weights(production, labels_changed)
+            init, described = warm_start(self.repo.root, production, self.cfg.init, labels_changed)
             self.record.training = {"run_dir": self._rel(run_dir), "init": described, "config": tcfg.model_dump(mode="json")}
             self.rec.save()
             report = train(tcfg, run_dir, init_weights=init)
