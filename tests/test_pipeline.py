@@ -32,7 +32,7 @@ from training.config import ConfigError
 from training.pipeline.config import GateConfig, ValidationPolicy, load_pipeline_config
 from training.pipeline.data import validate_data, write_digits
 from training.pipeline.gate import decide
-from training.pipeline.record import RECORDS_DIR, read_records
+from training.pipeline.record import RECORDS_DIR, StopRun, read_records, warm_start
 from training.pipeline.run import PipelineHooks, PipelineResult, run_pipeline
 
 NAME = "digits"
@@ -358,6 +358,21 @@ def test_warm_start_from_production(seeded: tuple[Path, PipelineResult], dirs: D
     assert result.record.training["init"] == f"warm start from production {NAME}:1 ({v1_run}/checkpoints/best.pt)"
     manifest = ModelRepository(repo).get(NAME, 2).manifest
     assert manifest.training.weights_source.startswith("warm start from") and v1_run in manifest.training.weights_source
+
+
+
+def test_warm_start_says_where_it_starts_and_refuses_a_lost_checkpoint(imagenet_repo: Path) -> None:
+    """A bootstrapped production has no pipeline run behind it: init: production cannot continue it."""
+    production = ModelRepository(imagenet_repo).get("imagenet-lite0")
+    own = "the training config's initial weights"
+    assert warm_start(imagenet_repo, production, "pretrained", False) == (None, own)
+    assert warm_start(imagenet_repo, None, "production", False) == (
+        None, f"{own} (init: production, but there is no production version yet)")
+    assert warm_start(imagenet_repo, production, "production", True) == (
+        None, f"{own} (init: production, but the label set changed)")
+    with pytest.raises(StopRun, match="needs the checkpoint of imagenet-lite0:1, but none is left") as stop:
+        warm_start(imagenet_repo, production, "production", False)
+    assert stop.value.status == "failed" and "use init: pretrained" in stop.value.reason
 
 
 # --- the parts on their own ----------------------------------------------------------------------------
