@@ -12,6 +12,7 @@ What separates the two paths is float rounding between PyTorch and ONNX Runtime 
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -79,9 +80,12 @@ def test_a_run_and_its_registered_version_agree(arch: str, runs: dict[str, Path]
     assert explainer.spec.exact is exact and explainer.method == ("cam" if exact else "gradcam")
     figures = []
     for target in (None, len(run.labels) - 1):
-        torch_map = explain_image(run.model, feature_layer(arch), CHELSEA, run.spec, run.labels, target)
+        torch_map = explain_image(run.model, feature_layer(arch), CHELSEA, run.spec, run.labels, target,
+                                  run.temperature)
         onnx_map = explainer.explain(CHELSEA, target)
-        assert torch_map.target.index == onnx_map.target.index  # (scores differ: the version's are calibrated)
+        assert torch_map.target.index == onnx_map.target.index
+        # both calibrated: the run's temperature and the version's (fit again on ONNX Runtime's logits at export)
+        assert run.temperature != 1.0 and torch_map.target.score == pytest.approx(onnx_map.target.score, abs=1e-3)
         assert torch_map.crop_box == pytest.approx(onnx_map.crop_box)
         if torch_map.heatmap.max() > 0:  # nothing positive: both maps are all zero
             figures.append(pearson(torch_map.heatmap, onnx_map.heatmap))
@@ -116,6 +120,12 @@ def test_explain_a_run_and_a_registered_version(runs: dict[str, Path], registere
     assert result.returncode == 0, result.stderr
     assert "'1' (index 1" in result.stdout and "torch Grad-CAM" in result.stdout
     assert _png_size(tmp_path / "r.png") == (32, 32)
+    version = imgclf("explain", "digits-lenet5", str(image_file), "--target", "1", "--repo", str(registered),
+                     "--out", str(tmp_path / "d.png"))
+    assert version.returncode == 0, version.stderr
+    score = re.compile(r"score (\d\.\d{3})")  # the run prints the calibrated score its export serves
+    assert abs(float(score.search(result.stdout)[1]) - float(score.search(version.stdout)[1])) <= 0.002, (
+        result.stdout, version.stdout)
     # the ONNX path needs no torch: the serving-only install explains registered versions
     result = imgclf("explain", "imagenet-lite0:1", str(image_file), "--repo", str(registered), "--out",
                     str(tmp_path / "v.png"), without_train=True)

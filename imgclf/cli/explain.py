@@ -64,7 +64,7 @@ def explain(
             layer = feature_layer(run.arch)
             if layer is None:
                 fail(f"no feature layer is known for {run.arch}; export the run and explain the version instead")
-            result = explain_image(run.model, layer, data, run.spec, run.labels, target)
+            result = explain_image(run.model, layer, data, run.spec, run.labels, target, run.temperature)
             png, what, method = result.png(), f"run {source} ({run.arch})", "torch Grad-CAM"
         else:
             from service.explainer import Explainer

@@ -65,13 +65,16 @@ class ImageExplanation:
 
 def explain_image(
     model: nn.Module, layer: str, data: bytes, spec: PreprocessSpec, labels: Sequence[str],
-    target: str | int | None = None,
+    target: str | int | None = None, temperature: float = 1.0,
 ) -> ImageExplanation:
-    """``imgclf explain RUN_DIR IMAGE``: torch Grad-CAM of one image at ``layer`` (see heads.feature_layer)."""
+    """``imgclf explain RUN_DIR IMAGE``: torch Grad-CAM of one image at ``layer`` (see heads.feature_layer).
+
+    The target's score is the softmax at ``temperature`` (a run's calibration), as the service scores it.
+    """
     image = prepare(data, spec)  # the serving side's crop and crop box (in the photo's pixels, even after a draft)
     x = torch.from_numpy(image.tensor)[None]
     with torch.no_grad():
-        probs = torch.softmax(model.eval()(x), 1)[0].numpy()
+        probs = torch.softmax(model.eval()(x) / temperature, 1)[0].numpy()
     index = resolve_target(target, labels, probs)
     result = torch_gradcam(model, layer, x, [index])
     return ImageExplanation(

@@ -6,6 +6,7 @@ data: explaining one image must not need the dataset that trained the model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class RunModel:
     arch: str
     spec: PreprocessSpec
     labels: list[str]
+    temperature: float = 1.0  # the run's calibration (report.json), so scores read as the exported version's
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -42,8 +44,10 @@ def load_run(run_dir: Path) -> RunModel:
     cfg = TrainConfig.model_validate(ckpt["config"])
     bundle = create_model(cfg.model.model_copy(update={"pretrained": False, "weights": None}), len(ckpt["classes"]))
     bundle.model.load_state_dict(ckpt["model"])
+    report = Path(run_dir) / "report.json"
+    temperature = json.loads(report.read_text()).get("temperature", 1.0) if report.is_file() else 1.0
     return RunModel(bundle.model.eval(), ckpt["arch"], PreprocessSpec.model_validate(ckpt["spec"]),
-                    list(ckpt["classes"]))
+                    list(ckpt["classes"]), float(temperature))
 
 
 def arch_model(arch: str, image_size: int | None = None, pretrained: bool = False) -> RunModel:
