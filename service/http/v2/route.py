@@ -159,8 +159,8 @@ class V2Routes:
                 answer = await service.infer_answer(served, request, facts)
                 return rest.encode_response(request, answer.outputs, answer.parameters)
 
-
     def _parse(self, body: bytes, encoding: str, header_length: str | None, facts: ModelFacts) -> InferRequest:
+        """Inflate (within the request-size limit), then parse: both are CPU work, off the loop when large."""
         return rest.parse_request(inflate(body, encoding, self.max_body), header_length, facts)
 
 
