@@ -169,7 +169,7 @@ class Classifier:
 
 # One of each per worker, shared by every front door (multipart, Open Inference Protocol): the caps are global.
 bodies = BodyReader(UploadPace(settings.upload_grace_s, settings.min_upload_rate), settings.max_receiving,
-                    metrics.count_error)
+                    metrics.count_error, on_receiving=metrics.count_receiving)
 load = LoadEstimate()
 jobs = JobSlots(settings.max_batch_jobs)
 claims = JobClaims(Path(BentoMLContainer.bentoml_home.get()) / "imgclf-jobs",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.http.errors import Receive, Scope, Send, refuse
+from service.http.errors import Receive, Scope, Send, refuse, respond
 
 CLOSE = [(b"connection", b"close")]
 PROBATION_S = 1.0  # an upload younger than this keeps its place: a normal one is done by then
@@ -45,10 +45,12 @@ class BodyReader:
     """One per worker (the guard's): reads bodies within the limits above, or answers the refusal itself."""
 
     def __init__(self, pace: UploadPace, max_receiving: int, on_error: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_receiving: Callable[[int], None] | None = None) -> None:
         self.pace = pace
         self.max_receiving = max_receiving
         self.on_error = on_error
+        self.on_receiving = on_receiving  # told the number of bodies in progress whenever it changes (a gauge)
         self._clock = clock
         self._uploads: set[_Upload] = set()
 
@@ -70,10 +72,16 @@ class BodyReader:
             return None
         upload = _Upload(self._clock())
         self._uploads.add(upload)
+        self._counted()
         try:
             return await self._receive(upload, receive, send, max_body, too_big)
         finally:
             self._uploads.discard(upload)
+            self._counted()
+
+    def _counted(self) -> None:
+        if self.on_receiving is not None:
+            self.on_receiving(len(self._uploads))
 
     def _behind(self, upload: _Upload, now: float) -> float:
         """How many bytes ``upload`` is behind the pace (<= 0: keeping it), grace period ignored."""
@@ -126,6 +134,12 @@ class BodyReader:
                              f"upload too slow: {upload.received} bytes in {elapsed:.1f} s; {why}", CLOSE)
                 return None
             if message["type"] == "http.disconnect":
+                # Nobody reads this answer (the server drops it), but BentoML's TimeoutMiddleware waits
+                # for a first send: without one, a vanished upload held its request open for the whole
+                # traffic timeout and delayed the worker's graceful shutdown by as much. Not counted:
+                # the client made no mistake we could tell it about.
+                await respond(send, 400, "client_disconnected",
+                              f"the client closed the connection after {upload.received} bytes of the body", CLOSE)
                 return None
             chunk = message.get("body", b"")
             upload.received += len(chunk)

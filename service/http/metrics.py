@@ -17,6 +17,9 @@ BATCH_SIZE = bentoml.metrics.Histogram(
     name="imgclf_batch_size", documentation="images per ONNX Runtime call", labelnames=["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 ERRORS = bentoml.metrics.Counter(name="imgclf_errors_total", documentation="client errors by kind", labelnames=["kind"])
+RECEIVING = bentoml.metrics.Gauge(
+    name="imgclf_receiving_bodies", documentation="request bodies being received now (the cap per worker is "
+    "IMGCLF_MAX_RECEIVING)", multiprocess_mode="livesum")
 MODEL_INFO = bentoml.metrics.Gauge(
     name="imgclf_model_info", documentation="loaded models and the provider they run on", labelnames=["model", "provider"])
 # What is answered (service/http/monitor.py): top-1 labels, their scores, the answers under the threshold, drift.
@@ -39,6 +42,10 @@ SAMPLES = bentoml.metrics.Counter(
 
 def count_error(kind: str) -> None:
     ERRORS.labels(kind=kind).inc()
+
+
+def count_receiving(bodies: int) -> None:
+    RECEIVING.set(bodies)
 
 
 def count_sample(outcome: str) -> None:
