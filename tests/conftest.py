@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import in_process
 from tests.support.images import digit_images, write_image
+from tests.support.once import built_once
 
 
 @pytest.fixture(autouse=True)
@@ -36,13 +38,14 @@ def digit_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def imagenet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository holding the bootstrapped imagenet-lite0 (built once per test session)."""
-    from service.repository import ModelRepository
-    from training.bootstrap import bootstrap
+    """A model repository holding imagenet-lite0 as `imgclf bootstrap` registers it (run in process, once per
+    test run; tests/test_export.py checks what it made). Copy it before changing it."""
 
-    root = tmp_path_factory.mktemp("imagenet_models")
-    bootstrap(ModelRepository(root))
-    return root
+    def bootstrap(root: Path) -> None:
+        result = in_process("bootstrap", "--repo", str(root))
+        assert result.returncode == 0 and "registered imagenet-lite0:1" in result.stdout, result.stderr
+
+    return built_once(tmp_path_factory, "imagenet_models", bootstrap)
 
 
 def pytest_configure(config: pytest.Config) -> None:

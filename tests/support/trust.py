@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.once import built_once
+
 from service.manifest import Manifest
 from service.repository import MANIFEST, ModelRepository
 
@@ -44,27 +46,24 @@ class DigitsModel:
         return [(s.read(), source.labels[s.label]) for s in source.eval_samples]
 
 
-_CACHE: dict[str, DigitsModel] = {}
+def _train_and_export(root: Path) -> None:
+    from training.config import resolve_config
+    from training.export import export, from_run
+    from training.pipeline.data import write_digits
+    from training.train import train
+
+    train_dir, _ = write_digits(root / "data", holdout_per_class=HOLDOUT_PER_CLASS)
+    train(resolve_config(None, {"model": {"arch": "lenet5"}, "epochs": 3, "data": {"source": str(train_dir)}}),
+          root / "run")
+    repo = ModelRepository(root / "models")
+    version = export(from_run(root / "run"), repo, NAME, target_precision=TARGET)
+    repo.promote(NAME, version.manifest.version)
 
 
 def digits_model(factory: pytest.TempPathFactory) -> DigitsModel:
-    """The session's trained and exported digits model (built on first use)."""
-    if "model" not in _CACHE:
-        from training.config import resolve_config
-        from training.export import export, from_run
-        from training.pipeline.data import write_digits
-        from training.train import train
-
-        root = factory.mktemp("trust_digits")
-        train_dir, holdout_dir = write_digits(root / "data", holdout_per_class=HOLDOUT_PER_CLASS)
-        run = root / "run"
-        train(resolve_config(None, {"model": {"arch": "lenet5"}, "epochs": 3, "data": {"source": str(train_dir)}}),
-              run)
-        repo = ModelRepository(root / "models")
-        version = export(from_run(run), repo, NAME, target_precision=TARGET)
-        repo.promote(NAME, version.manifest.version)
-        _CACHE["model"] = DigitsModel(repo.root, train_dir, holdout_dir, run)
-    return _CACHE["model"]
+    """The run's trained and exported digits model (built by the first module that asks)."""
+    root = built_once(factory, "trust_digits", _train_and_export)
+    return DigitsModel(root / "models", root / "data" / "train", root / "data" / "holdout", root / "run")
 
 
 def copy_repo(model: DigitsModel, target: Path, extra_names: Iterable[str] = (),
