@@ -84,6 +84,10 @@ class OptimConfig(_Section):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    lr_scaling: Literal["none", "linear"] = Field(
+        default="none", description="linear: the rate used is lr x batch_size / lr_reference_batch (Goyal et al., "
+        "2017), so a recipe tuned at one global batch carries over to a larger one")
+    lr_reference_batch: int = Field(default=256, ge=1, description="linear: the global batch that lr was tuned for")
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
@@ -115,6 +119,13 @@ class EarlyStoppingConfig(_Section):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+class DistributedConfig(_Section):
+    """Only read when several processes train (torchrun, ``imgclf train --nproc``)."""
+
+    sync_batchnorm: bool = Field(default=False, description="batch-norm statistics over the global batch "
+                                 "(SyncBatchNorm; CUDA only) instead of each process's share")
+
+
 class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -124,8 +135,9 @@ class TrainConfig(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     transfer: TransferConfig = TransferConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     epochs: int = Field(default=15, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="the global batch: with N processes each takes 1/N")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(default="auto", description="mixed precision (CUDA only)")

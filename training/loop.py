@@ -3,11 +3,16 @@
 Reproducibility comes from reseeding every random source at the start of each
 epoch from (seed, epoch): a run resumed from the checkpoint of epoch k replays
 epochs k+1.. exactly as the uninterrupted run would, on the CPU.
+
+The same loop runs as one of N processes (``training.distributed``): DDP averages the
+gradients, the data order is the single-process one, evaluation is sharded and gathered,
+rank 0 alone writes, and rank 0's early-stopping decision is everyone's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import random
@@ -26,6 +31,7 @@ from tqdm.auto import tqdm
 
 from service.atomic import atomic_path, atomic_write_text
 from training.config import EarlyStoppingConfig, TrainConfig
+from training.distributed import DistContext
 from training.evaluation import topk_accuracy
 from training.optim import Schedule
 from training.regularization import apply_train_mode, l1_penalty, set_backbone_frozen
@@ -138,8 +144,10 @@ class Trainer:
     epoch: int = 0  # completed epochs
     history: list[dict[str, Any]] = field(default_factory=list)
     stopper: EarlyStopping = field(default_factory=EarlyStopping)
+    dist: DistContext = field(default_factory=DistContext)  # one process unless a launcher says otherwise
 
     def __post_init__(self) -> None:
+        self.net: nn.Module = self.model  # what training steps call: the model, or DDP around it
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -162,6 +170,10 @@ class Trainer:
         frozen = self.backbone_frozen(epoch)
         set_backbone_frozen(self.model, self.head, frozen)
         apply_train_mode(self.model, self.head, frozen, self.cfg.transfer.freeze_bn)
+        net = self.dist.wrap(self.model, self.net)
+        if net is not self.net:
+            self.net = net
+            gc.collect()  # a replaced DDP wrapper must be gone, and its gradient hooks with it
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimisation step with every regularizer of the config; returns the loss."""
@@ -171,7 +183,7 @@ class Trainer:
             x, y = self.mixer(x, y)
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with ctx:
-            loss = self.criterion(self.model(x), y)
+            loss = self.criterion(self.net(x), y)
         if reg.l1 > 0:
             loss = loss + reg.l1 * l1_penalty(self.model)
         self.optimizer.zero_grad(set_to_none=True)
@@ -186,16 +198,23 @@ class Trainer:
     def train_epoch(self, epoch: int) -> float:
         self.start_epoch(epoch)
         total, count = 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=None)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=None if self.dist.is_main else True)
         for x, y in bar:
             total += self.train_step(x, y) * len(x)
             count += len(x)
             self.schedule.after_batch()
             bar.set_postfix(loss=f"{total / count:.4f}")
+        total, count = self.dist.all_sum([total, count])  # the mean over the global batch, on every rank
         return total / max(count, 1)
 
+    def predict(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets of a whole loader: this rank's shard, gathered in order."""
+        logits, targets = predict(self.model, self.dist.shard(loader), self.device)
+        return self.dist.gather(logits, targets, len(loader.dataset))  # type: ignore[arg-type]
+
     def evaluate(self) -> dict[str, float]:
-        logits, targets = predict(self.model, self.val_loader, self.device)
+        logits, targets = self.predict(self.val_loader)
         return {
             "val_loss": F.cross_entropy(logits, targets).item(),
             "val_top1": topk_accuracy(logits, targets, 1),
@@ -204,12 +223,14 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------
     def fit(self, callbacks: Sequence[EpochCallback] = ()) -> None:
-        while self.epoch < self.cfg.epochs and not self.stopper.should_stop:
+        while self.epoch < self.cfg.epochs and not self.dist.from_main(self.stopper.should_stop):
             epoch = self.epoch
-            seed_everything(epoch_seed(self.cfg.seed, epoch), self.generator)
+            seed = epoch_seed(self.cfg.seed, epoch)
+            seed_everything(self.dist.rank_seed(seed))
+            self.generator.manual_seed(seed)  # the data order: the same on every rank
             start = time.perf_counter()
             train_loss = self.train_epoch(epoch)
-            metrics = self.evaluate()
+            metrics = self.dist.from_main(self.evaluate())  # rank 0's numbers drive every rank's schedule
             self.schedule.after_epoch(metrics[self.stopper.monitor])
             row = {
                 "epoch": epoch + 1,
@@ -235,10 +256,14 @@ class Trainer:
             log.info("early stopping after epoch %d; best epoch %d", self.epoch, self.stopper.best_epoch)
 
     def write_metrics(self) -> None:
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     # --- checkpoints -------------------------------------------------------------------------
     def save(self, path: Path, *, full: bool) -> None:
+        """Rank 0 writes; the other ranks hold the same weights and optimizer state."""
+        if not self.dist.is_main:
+            return
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "epoch": self.epoch,
@@ -252,6 +277,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "history": self.history,
                 "stopper": self.stopper.state_dict(),
+                "world_size": self.dist.world_size,
                 "rng": {
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
@@ -271,6 +297,10 @@ class Trainer:
         self.history = state["history"]
         self.stopper.load_state_dict(state["stopper"])
         self.epoch = state["epoch"]
+        if state.get("world_size", 1) != self.dist.world_size:
+            log.warning("resuming a %d-process run with %d processes: same data order and rank-0 random draws, "
+                        "gradients summed in another grouping (equal to float rounding, not bit for bit)",
+                        state.get("world_size", 1), self.dist.world_size)
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -278,5 +308,6 @@ class Trainer:
         self.generator.set_state(rng["generator"].cpu())
 
     def restore_best(self) -> None:
+        self.dist.barrier()  # rank 0 has written best.pt
         state = torch.load(self.best_path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])

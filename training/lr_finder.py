@@ -20,6 +20,7 @@ from training import plots
 from training.config import TrainConfig
 from training.data import load_splits
 from training.loop import epoch_seed, seed_everything
+from training.optim import scaled_lr
 from training.train import build_trainer
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def lr_find(
     trainer = build_trainer(cfg, out_dir, splits)
     seed_everything(epoch_seed(cfg.seed, 0), trainer.generator)
     trainer.start_epoch(0)
-    ratios = [g["lr"] / cfg.optim.lr for g in trainer.optimizer.param_groups]
+    ratios = [g["lr"] / scaled_lr(cfg.optim, cfg.batch_size) for g in trainer.optimizer.param_groups]
     gamma = (end_lr / start_lr) ** (1 / max(num_iter - 1, 1))
     batches = itertools.islice(itertools.cycle(trainer.train_loader), num_iter)
     lrs, losses, avg, best = [], [], 0.0, math.inf

@@ -12,6 +12,22 @@ from torch.optim import lr_scheduler
 from training.config import OptimConfig, ScheduleConfig
 
 
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The peak rate a run uses: ``lr``, or under linear scaling ``lr`` times the global batch over the
+    reference batch. It depends on the global batch only, never on the process count, so the same
+    config trains the same model with 1 or N processes."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch / cfg.lr_reference_batch
+    return cfg.lr
+
+
+def lr_rule(cfg: OptimConfig, global_batch: int) -> dict[str, Any]:
+    """How the rate was chosen, for report.json."""
+    return {"scaling": cfg.lr_scaling, "base_lr": cfg.lr,
+            "reference_batch": cfg.lr_reference_batch if cfg.lr_scaling == "linear" else None,
+            "lr": scaled_lr(cfg, global_batch)}
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

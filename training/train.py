@@ -3,6 +3,10 @@
 Run directory: ``config.yaml`` (resolved), ``data.json`` (classes, counts,
 skipped files), ``metrics.jsonl``, ``checkpoints/{best,last}.pt``,
 ``report.json``, ``learning_curves.png``, ``confusion_matrix.png``.
+
+Under a launcher (torchrun, ``imgclf train --nproc``) this process is one of N: the same run
+directory, written by rank 0 alone, with the same files; ``report.json`` says how many processes
+trained it (``training.distributed``).
 """
 
 from __future__ import annotations
@@ -16,23 +20,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from service.atomic import atomic_write_json
 from training import plots
 from training.config import ConfigError, TrainConfig, save_config
 from training.data import ImageDataset, Splits, load_splits
+from training.distributed import DistContext, session
 from training.evaluation import classification_report
 from training.loop import (
     EarlyStopping,
     EpochCallback,
     Trainer,
-    predict,
     resolve_device,
     seed_everything,
 )
 from training.models import ModelBundle, create_model
-from training.optim import build_optimizer, build_schedule
+from training.optim import build_optimizer, build_schedule, lr_rule, scaled_lr
 from training.regularization import batch_mixer, param_groups
 from training.transforms import eval_transform, train_transform
 
@@ -48,31 +52,42 @@ def class_weights(splits: Splits) -> torch.Tensor:
 
 
 def make_loaders(
-    cfg: TrainConfig, splits: Splits, bundle: ModelBundle, generator: torch.Generator
+    cfg: TrainConfig, splits: Splits, bundle: ModelBundle, generator: torch.Generator, dist: DistContext | None = None,
 ) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders; with N processes each yields this rank's share of each global batch."""
+    dist = dist or DistContext()
+    for split in ("val", "test"):
+        dist.require_shardable(split, len(getattr(splits, split)))
     train_ds = ImageDataset(splits.train, train_transform(bundle.spec, cfg.augment))
     val_ds = ImageDataset(splits.val, eval_transform(bundle.spec))
     sampler = None
     if cfg.data.class_balance == "sampler":
         weights = class_weights(splits)[[s.label for s in splits.train]]
         sampler = WeightedRandomSampler(weights.double(), len(weights), replacement=True, generator=generator)
-    common = {"batch_size": cfg.batch_size, "num_workers": cfg.data.num_workers}
-    train = DataLoader(
-        train_ds, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=len(train_ds) > cfg.batch_size,
-        **common,
-    )
+    common = {"batch_size": dist.per_process_batch(cfg.batch_size), "num_workers": cfg.data.num_workers}
+    drop_last = len(train_ds) > cfg.batch_size
+    if dist.enabled:  # the single-process order, shared out (training.distributed.GlobalBatchSampler)
+        base = sampler or RandomSampler(train_ds, generator=generator)
+        train = DataLoader(train_ds, sampler=dist.train_sampler(base, cfg.batch_size, drop_last), generator=generator,
+                           **common)
+    else:
+        train = DataLoader(train_ds, shuffle=sampler is None, sampler=sampler, generator=generator,
+                           drop_last=drop_last, **common)
     return train, DataLoader(val_ds, shuffle=False, **common)
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, splits: Splits) -> Trainer:
+def build_trainer(cfg: TrainConfig, run_dir: Path, splits: Splits, dist: DistContext | None = None) -> Trainer:
+    """Everything one run needs; ``dist`` (from ``training.distributed.session``) when it is one of N processes."""
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    dist = dist or DistContext(device=resolve_device(cfg.device))
+    device = dist.device
     bundle = create_model(cfg.model, len(splits.classes))
-    model = bundle.model.to(device)
+    model = dist.prepare(bundle.model, cfg.distributed.sync_batchnorm).to(device)
     generator = torch.Generator()
-    train_loader, val_loader = make_loaders(cfg, splits, bundle, generator)
+    train_loader, val_loader = make_loaders(cfg, splits, bundle, generator, dist)
     head = bundle.head if cfg.transfer.strategy != "full" else []
-    groups = param_groups(model, cfg.regularization.weight_decay, cfg.optim.lr, head, cfg.transfer.backbone_lr_mult)
+    lr = scaled_lr(cfg.optim, cfg.batch_size)
+    groups = param_groups(model, cfg.regularization.weight_decay, lr, head, cfg.transfer.backbone_lr_mult)
     optimizer = build_optimizer(groups, cfg.optim)
     stopper = EarlyStopping.from_config(cfg.early_stopping)
     schedule = build_schedule(optimizer, cfg.schedule, cfg.epochs, len(train_loader), stopper.mode)
@@ -97,12 +112,13 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, splits: Splits) -> Trainer:
             "weights_source": bundle.source,
         },
         stopper=stopper,
+        dist=dist,
     )
 
 
 def final_report(trainer: Trainer, splits: Splits, wall_seconds: float) -> dict[str, Any]:
     """Metrics of the restored best model, through the serving path's preprocessing."""
-    val_logits, val_targets = predict(trainer.model, trainer.val_loader, trainer.device)
+    val_logits, val_targets = trainer.predict(trainer.val_loader)
     report: dict[str, Any] = classification_report(val_logits, val_targets, splits.classes)
     report |= {
         "split": "val",
@@ -117,12 +133,15 @@ def final_report(trainer: Trainer, splits: Splits, wall_seconds: float) -> dict[
         "train_seconds": sum(row["seconds"] for row in trainer.history),  # all epochs, across resumes
         "data": splits.summary(),
         "preprocessing": trainer.meta["spec"],
+        "distributed": trainer.dist.describe(trainer.cfg.batch_size)
+        | {"sync_batchnorm": trainer.dist.enabled and trainer.cfg.distributed.sync_batchnorm},
+        "lr_rule": lr_rule(trainer.cfg.optim, trainer.cfg.batch_size),
     }
     if splits.test:
         test_loader = DataLoader(
             ImageDataset(splits.test, trainer.val_loader.dataset.transform), batch_size=trainer.cfg.batch_size
         )
-        report["test"] = classification_report(*predict(trainer.model, test_loader, trainer.device), splits.classes)
+        report["test"] = classification_report(*trainer.predict(test_loader), splits.classes)
     return report
 
 
@@ -146,15 +165,25 @@ def train(
     """Train (or resume) a run and write every output; returns the report.
 
     ``init_weights``: a checkpoint (``best.pt`` of an earlier run) to start from instead of the
-    config's initial weights; same architecture and classes.
+    config's initial weights; same architecture and classes. Under a launcher every process calls
+    this with the same arguments; rank 0's ``run_dir`` is the one used, and every rank returns the
+    report (the same metrics; its own wall time). ``callbacks`` run on every rank after each epoch.
     """
-    run_dir = Path(run_dir)
     started = time.perf_counter()
+    with session(resolve_device(cfg.device), cfg.distributed.sync_batchnorm) as dist:
+        run_dir = Path(dist.from_main(str(run_dir)))  # a default name with a time stamp must not differ
+        return _run(cfg, run_dir, dist, started, resume=resume, callbacks=callbacks, init_weights=init_weights)
+
+
+def _run(
+    cfg: TrainConfig, run_dir: Path, dist: DistContext, started: float, *, resume: bool,
+    callbacks: Sequence[EpochCallback], init_weights: Path | None,
+) -> dict[str, Any]:
     splits = load_splits(cfg.data, cfg.seed)
     if splits.skipped:
         log.warning("%d unreadable images skipped", len(splits.skipped))
     log.info("train class counts: %s", splits.class_counts("train"))
-    trainer = build_trainer(cfg, run_dir, splits)
+    trainer = build_trainer(cfg, run_dir, splits, dist)
     if resume:
         if not trainer.last_path.is_file():
             raise ConfigError(f"cannot resume: {trainer.last_path} does not exist")
@@ -163,14 +192,17 @@ def train(
     else:
         if init_weights is not None:
             load_initial_weights(trainer, Path(init_weights))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    atomic_write_json(run_dir / "data.json", splits.summary() | {"skipped_files": splits.skipped})
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+    if dist.is_main:
+        atomic_write_json(run_dir / "data.json", splits.summary() | {"skipped_files": splits.skipped})
     trainer.fit(callbacks)
     trainer.restore_best()
     report = final_report(trainer, splits, time.perf_counter() - started)
-    atomic_write_json(run_dir / "report.json", report)
-    plots.learning_curves(trainer.history, run_dir / "learning_curves.png")
-    plots.confusion_matrix(report["confusion_matrix"], splits.classes, run_dir / "confusion_matrix.png")
+    if dist.is_main:
+        atomic_write_json(run_dir / "report.json", report)
+        plots.learning_curves(trainer.history, run_dir / "learning_curves.png")
+        plots.confusion_matrix(report["confusion_matrix"], splits.classes, run_dir / "confusion_matrix.png")
     log.info("val top1 %.4f top5 %.4f (best epoch %d)", report["top1"], report["top5"], report["best_epoch"])
     return report

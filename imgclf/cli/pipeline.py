@@ -58,6 +58,8 @@ def pipeline(
     arch: ArchOpt = None,
     epochs: EpochsOpt = None,
     seed: SeedOpt = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="training processes on this machine "
+                                              "(train.nproc; as imgclf train --nproc)")] = None,
     init: Annotated[str | None, typer.Option("--init", help="pretrained (the config's initial weights) or "
                                              "production (warm start from production's checkpoint)")] = None,
     service_url: Annotated[list[str] | None, typer.Option("--service-url", help="service to reload and verify "
@@ -81,7 +83,8 @@ def pipeline(
                                                     ("repo", repo), ("init", init)) if v is not None}
     if more:
         overrides["more_data"] = more
-    if train := train_overrides(arch=arch, epochs=epochs, seed=seed):
+    train = train_overrides(arch=arch, epochs=epochs, seed=seed) | ({"nproc": nproc} if nproc else {})
+    if train:
         overrides["train"] = train
     if service_url:
         overrides["deploy"] = {"service_urls": service_url}

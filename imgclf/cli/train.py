@@ -51,25 +51,39 @@ def train(
     seed: SeedOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<arch>-<time>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes on this machine (DDP: gloo on "
+                                       "the CPU, NCCL with one GPU each); --batch-size stays the global batch")] = 1,
 ) -> None:
-    """Fine-tune or train a CNN; writes checkpoints, metrics, report.json and plots to the run directory."""
+    """Fine-tune or train a CNN; writes checkpoints, metrics, report.json and plots to the run directory.
+
+    Also runs as one of N processes under ``torchrun --nproc-per-node=N -m imgclf.cli train ...``.
+    """
     require_training()
+    import logging
+    import os
     import time
 
-    from training.train import train as run_training
+    from training.distributed import DistContext
+    from training.launch import LaunchError, run_training
 
+    here = DistContext.from_env(os.environ)  # torchrun's RANK/WORLD_SIZE, if it started this process
+    if here.enabled and nproc > 1:
+        fail(f"this process is already one of {here.world_size} (started by torchrun); drop --nproc")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)  # the launcher's config dump
     overrides = train_overrides(data=data, arch=arch, pretrained=pretrained, weights=weights, epochs=epochs,
                                 batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
     if resume is not None:
         if overrides or config or out:
-            fail("--resume continues a run with its saved config.yaml; give no other options")
+            fail("--resume continues a run with its saved config.yaml; give no other options (but --nproc)")
         cfg = resolve(resume / "config.yaml", {})
         run_dir = resume
     else:
         cfg = resolve(config, overrides)
         run_dir = out or Path("runs") / f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with user_errors(ValueError):  # what the data and model builders reject (ConfigError and DataError too)
-        report = run_training(cfg, run_dir, resume=resume is not None)
+    with user_errors(ValueError, LaunchError):  # what the data and model builders reject (ConfigError, DataError)
+        report = run_training(cfg, run_dir, nproc=nproc, resume=resume is not None)
+    if not here.is_main:
+        return  # under torchrun, rank 0 speaks for the run
     typer.echo(
         f"{run_dir}: val top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f}, "
         f"best epoch {report['best_epoch']}/{report['epochs_run']}, "

@@ -3,7 +3,8 @@
 Resolution order, lowest first: field defaults < the YAML file (``--config``) < command-line
 flags. ``train`` is a training-config fragment (the keys of ``imgclf train --config``); it is
 resolved with the architecture's recipe exactly as ``imgclf train`` resolves it, except that
-``data.source`` belongs to the pipeline (the validated training images). Secrets (the admin
+``data.source`` belongs to the pipeline (the validated training images) and ``train.nproc`` (the
+processes to train with, as ``imgclf train --nproc``) is a launch setting, not a hyperparameter. Secrets (the admin
 token) never live here: they come from a flag or ``IMGCLF_ADMIN_TOKEN`` and are never recorded.
 """
 
@@ -100,7 +101,8 @@ class PipelineConfig(_Section):
         "train.model.pretrained, random otherwise); production: warm start from production's checkpoint")
     allow_label_change: bool = Field(default=False, description="accept a label set that differs from "
                                      "production's: the candidate is then a new model, not compared with production")
-    train: dict[str, Any] = Field(default_factory=dict, description="training config fragment (imgclf train keys)")
+    train: dict[str, Any] = Field(default_factory=dict, description="training config fragment (imgclf train keys), "
+                                  "plus nproc: training processes on this machine (default 1)")
     validation: ValidationPolicy = ValidationPolicy()
     gate: GateConfig = GateConfig()
     export: ExportSettings = ExportSettings()
@@ -116,6 +118,9 @@ class PipelineConfig(_Section):
         data = self.train.get("data")
         if isinstance(data, dict) and "source" in data:
             raise ValueError("train.data.source is set by the pipeline (--data); remove it")
+        nproc = self.train.get("nproc", 1)
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"train.nproc must be a whole number of processes, 1 or more, not {nproc!r}")
         arch = self.train_config(Path("validated-later.csv")).model.arch  # a bad key or value fails here
         from training.models import list_models  # torch: only a run validates architectures
 
@@ -123,9 +128,15 @@ class PipelineConfig(_Section):
             raise ValueError(f"unknown train.model.arch {arch!r}; available: {', '.join(list_models())}")
         return self
 
+    @property
+    def nproc(self) -> int:
+        """``train.nproc``: how many processes train (the same model as one: left out of the fingerprint)."""
+        return int(self.train.get("nproc", 1))
+
     def train_config(self, source: Path) -> TrainConfig:
-        """The resolved training config (defaults < recipe < ``train``) for a data source."""
-        return resolve_config(None, deep_merge(self.train, {"data": {"source": str(source)}}))
+        """The resolved training config (defaults < recipe < ``train``, less ``nproc``) for a data source."""
+        fragment = {k: v for k, v in self.train.items() if k != "nproc"}
+        return resolve_config(None, deep_merge(fragment, {"data": {"source": str(source)}}))
 
     def require(self) -> tuple[str, Path, Path]:
         """name, data and holdout, which a run needs and the file or the flags must give."""

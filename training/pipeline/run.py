@@ -8,7 +8,8 @@ crash leaves a record that says how far it got. The methods of ``_Run`` follow t
 2. changes: a run whose data and config equal those of the run that produced the current
    production version stops here (skipped: no changes), unless forced.
 3. train: ``training.train.train`` with the config's recipe, from the config's initial weights or
-   warm-started from production's checkpoint (``init``; ``training.pipeline.record.warm_start``).
+   warm-started from production's checkpoint (``init``; ``training.pipeline.record.warm_start``),
+   in ``train.nproc`` processes (``training.launch``, as ``imgclf train --nproc``).
 4. export_checks: ``training.export.prepare`` (ONNX export and every export check; parity images
    from the validation split, then the held-out set), nothing registered yet.
 5. evaluate: candidate and production on the same held-out images through ONNX Runtime and
@@ -37,6 +38,7 @@ from service.repository import PRODUCTION, ModelRepository, ModelVersion, Reposi
 from training.config import ConfigError
 from training.data import DataError
 from training.export import Candidate, ExportError, from_run, prepare, register
+from training.launch import LaunchError, run_training
 from training.pipeline.config import PipelineConfig
 from training.pipeline.data import ValidatedData, validate_data
 from training.pipeline.deploy import ServiceCheck, SmokeCheck, reload_and_verify
@@ -55,7 +57,6 @@ from training.pipeline.record import (
     run_that_made,
     warm_start,
 )
-from training.train import train
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,10 @@ class _Run:
             source = validated.write_manifest(run_dir / "pipeline-data.csv")
             tcfg = self.cfg.train_config(source)
             init, described = warm_start(self.repo.root, production, self.cfg.init, labels_changed)
-            self.record.training = {"run_dir": self._rel(run_dir), "init": described, "config": tcfg.model_dump(mode="json")}
+            self.record.training = {"run_dir": self._rel(run_dir), "init": described, "nproc": self.cfg.nproc,
+                                    "config": tcfg.model_dump(mode="json")}
             self.rec.save()
-            report = train(tcfg, run_dir, init_weights=init)
+            report = run_training(tcfg, run_dir, nproc=self.cfg.nproc, init_weights=init)
             self.record.training |= {k: report[k] for k in ("top1", "top5", "best_epoch", "epochs_run", "train_seconds")}
             step.summary = (f"{tcfg.model.arch}, {report['epochs_run']} epochs from {described}: validation top-1 "
                             f"{report['top1']:.4f} (best epoch {report['best_epoch']})")
@@ -342,7 +344,7 @@ def run_pipeline(
             run.execute(force)
         except StopRun as stop:
             record.status, record.reason = stop.status, stop.reason
-        except (ConfigError, DataError, ExportError, RepositoryError, FileNotFoundError, ValueError) as exc:
+        except (ConfigError, DataError, ExportError, RepositoryError, FileNotFoundError, ValueError, LaunchError) as exc:
             record.status, record.reason, record.error = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
         except BaseException as exc:
             record.status, record.reason, record.error = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
