@@ -1,10 +1,12 @@
 # Two commands for a newcomer: `make serve` and `make test`. Both set everything up first.
 PYTHON ?= python3
+# pytest processes: two measured fastest on the 2-core machine (docs/testing.md); modules stay whole on one.
+TEST_WORKERS ?= 2
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test lint audit clean
+.PHONY: setup serve test test-quick lint audit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +21,13 @@ serve: setup
 	$(VENV)/bin/imgclf bootstrap
 	$(VENV)/bin/imgclf serve --port 3000
 
+# Every test, the layering contracts included (tests/test_layering.py runs lint-imports).
 test: setup
-	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The inner loop: everything but the tests marked slow (servers, training, subprocesses, the browser).
+test-quick: setup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check imgclf service training tests benchmarks

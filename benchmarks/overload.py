@@ -22,6 +22,7 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,13 @@ def _bound_for(cumulative: list[tuple[float, float]], share: float) -> float | N
     return None if bound == float("inf") else bound * 1000
 
 
+def _seen_by_server(url: str, phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``phase()``'s client-side figures plus ``server_side``: the same requests by the server's histogram."""
+    scraped = httpx.get(f"{url}/metrics", timeout=10).text
+    figures = phase()
+    return figures | {"server_side": server_side(scraped, httpx.get(f"{url}/metrics", timeout=10).text)}
+
+
 def overload_run(url: str, image: bytes, *, factor: float = 4.0, seconds: float = 10.0, baseline_s: float = 4.0,
                  capacity_concurrency: int = 4, settle_s: float = 1.0) -> dict[str, Any]:
     """The four phases against a running server; the figures of each, and the refusals the metrics counted."""
@@ -229,14 +237,12 @@ def overload_run(url: str, image: bytes, *, factor: float = 4.0, seconds: float 
     overloaded = 'imgclf_errors_total{kind="overloaded"'
     before = metric_total(httpx.get(f"{url}/metrics", timeout=10).text, overloaded)
     asyncio.run(closed_loop(url, raw, 1, 1.0))  # warm: connections, caches, the service-time estimate
-    baseline = asyncio.run(closed_loop(url, raw, 1, baseline_s))
+    baseline = _seen_by_server(url, lambda: asyncio.run(closed_loop(url, raw, 1, baseline_s)))
     capacity = asyncio.run(closed_loop(url, raw, capacity_concurrency, baseline_s))
     rate = factor * capacity["ok_rps"]
-    scraped = httpx.get(f"{url}/metrics", timeout=10).text
-    overload = asyncio.run(open_loop(url, raw, rate, seconds))
-    overload["server_side"] = server_side(scraped, httpx.get(f"{url}/metrics", timeout=10).text)
+    overload = _seen_by_server(url, lambda: asyncio.run(open_loop(url, raw, rate, seconds)))
     time.sleep(settle_s)
-    recovery = asyncio.run(closed_loop(url, raw, 1, baseline_s))
+    recovery = _seen_by_server(url, lambda: asyncio.run(closed_loop(url, raw, 1, baseline_s)))
     counted = metric_total(httpx.get(f"{url}/metrics", timeout=10).text, overloaded) - before
     phases = {"baseline": baseline, "capacity": capacity, "overload": overload, "recovery": recovery}
     return phases | {"factor": factor, "refusals_counted_in_metrics": counted,

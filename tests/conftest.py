@@ -15,6 +15,23 @@ from tests.support.images import digit_images, write_image
 from tests.support.once import built_once
 
 
+# Under pytest-xdist each worker (and every subprocess it starts) gets its share of the cores: torch's
+# OpenMP threads wait by spinning, and two workers with one thread per core each made the training tests
+# four times slower than one worker on the 2-core machine (docs/testing.md).
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+# Modules that take longest run first, so that with xdist's --dist loadfile no long module starts last
+# while the other worker has nothing left (longest first is the classic fix; measured in docs/testing.md).
+LONGEST_FIRST = ("test_benchmarks", "test_export", "test_batch", "test_pipeline", "test_distributed", "test_faults",
+                 "test_readme", "test_reliability", "test_explain_cli", "test_training", "test_hostile", "test_cli")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a module kept
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads or writes the user's caches; torch hub downloads find an empty cache."""
@@ -46,6 +63,17 @@ def imagenet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert result.returncode == 0 and "registered imagenet-lite0:1" in result.stdout, result.stderr
 
     return built_once(tmp_path_factory, "imagenet_models", bootstrap)
+
+
+@pytest.fixture(scope="session")
+def lite0_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training run: ImageNet-pretrained EfficientNet-Lite0 fine-tuned on digits at 32 px for one epoch
+    (export's int8 test and the int8 benchmark share it). Read-only."""
+    from training.config import resolve_config
+    from training.train import train
+
+    cfg = {"model": {"arch": "efficientnet_lite0", "pretrained": True, "image_size": 32}, "epochs": 1, "seed": 0}
+    return built_once(tmp_path_factory, "lite0_digits_run", lambda run: train(resolve_config(None, cfg), run))
 
 
 def pytest_configure(config: pytest.Config) -> None:

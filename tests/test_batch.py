@@ -20,6 +20,9 @@ from service.batch.job_state import KillPoint, state_dir
 from service.batch.runner import run_batch
 from service.settings import Settings
 from tests.support import ROOT, images
+from tests.support.cli import in_process
+
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
 
 MODEL = "imagenet-lite0"
 # the installed console script, as a user runs it (python -m imgclf.cli where there is none)
@@ -65,6 +68,11 @@ def run(repo: Path, source: Path | str, out: Path, **options: object):
 def cli(*args: str, repo: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*IMGCLF, "batch", *args, "--repo", str(repo)],
                           cwd=cwd or ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def cli_here(*args: str, repo: Path) -> subprocess.CompletedProcess[str]:
+    """`imgclf batch` in this process, its workers threads (a forked pytest would carry torch's threads)."""
+    return in_process("batch", *args, "--repo", str(repo), "--executor", "thread")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -221,7 +229,7 @@ def killable(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     clean = {}
     for fmt, flags in KILL_JOBS.items():
         clean[fmt] = root.parent / f"{root.name}-clean.{fmt}"
-        done = cli(*common, *flags, "--out", str(clean[fmt]), repo=imagenet_repo)
+        done = cli_here(*common, *flags, "--out", str(clean[fmt]), repo=imagenet_repo)
         assert done.returncode == 0, done.stderr
     return common, clean
 
@@ -231,14 +239,15 @@ def killable(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 def test_killed_at_each_point_resumes_to_the_clean_output(
     imagenet_repo: Path, killable: tuple[list[str], dict[str, Path]], tmp_path: Path, point: str, fmt: str
 ) -> None:
-    """`imgclf batch` SIGKILLs itself at ``point`` (the test-only --kill-at); --resume finishes the job."""
+    """`imgclf batch` SIGKILLs itself at ``point`` (the test-only --kill-at); --resume finishes the job (in
+    process: what is tested is what the killed process left on disk)."""
     common, clean = killable
     out = tmp_path / f"out.{fmt}"
     job = [*common, *KILL_JOBS[fmt], "--out", str(out)]
     killed = cli(*job, "--kill-at", point, repo=imagenet_repo)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert state_dir(out).exists() and out.exists() == (point == "after_rename")
-    resumed = cli(*job, "--resume", repo=imagenet_repo)
+    resumed = cli_here(*job, "--resume", repo=imagenet_repo)
     assert resumed.returncode == 0, resumed.stderr
     assert "23 rows" in resumed.stdout
     if fmt == "csv":
@@ -251,7 +260,7 @@ def test_killed_at_each_point_resumes_to_the_clean_output(
         assert by_index(out) == by_index(clean[fmt])
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no state, no temporary debris left
     if point == "after_rename":  # the job is complete now: nothing is left to resume
-        again = cli(*job, "--resume", repo=imagenet_repo)
+        again = cli_here(*job, "--resume", repo=imagenet_repo)
         assert again.returncode == 2 and "--overwrite" in again.stderr
 
 

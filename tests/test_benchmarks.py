@@ -14,7 +14,8 @@ from tests.support import ROOT
 # Hang guards only, never a speed check: a script's wall time grows with the machine's load (a torch
 # benchmark under two CPU hogs takes several times as long as on an idle machine).
 HANG_S = 900
-pytestmark = pytest.mark.timeout(2 * HANG_S)  # above the suite's 600 s: one test runs two scripts
+# slow (not in `make test-quick`); a timeout above the suite's 600 s: one test runs two scripts
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * HANG_S)]
 
 
 def test_train_digits_benchmark_runs(tmp_path: Path) -> None:
@@ -29,9 +30,10 @@ def test_train_digits_benchmark_runs(tmp_path: Path) -> None:
     assert "| lenet5 |" in (tmp_path / "train_digits.md").read_text()
 
 
-def test_int8_benchmark_runs(tmp_path: Path) -> None:
+def test_int8_benchmark_runs(tmp_path: Path, lite0_digits_run: Path) -> None:
+    """On the run export's tests use (the script's own training step is `train`, tested there)."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.int8_digits", "--epochs", "1", "--image-size", "32", "--rounds", "1",
+        [sys.executable, "-m", "benchmarks.int8_digits", "--run", str(lite0_digits_run), "--rounds", "1",
          "--repeats", "1", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=HANG_S, check=False,
     )

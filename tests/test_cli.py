@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
-from tests.support.cli import imgclf
+from tests.support.cli import imgclf, in_process
 
 
 def test_help_lists_commands() -> None:
@@ -37,6 +37,7 @@ def test_serving_side_imports_no_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_train_then_resume_a_finished_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = imgclf("train", "--data", "digits", "--arch", "lenet5", "--epochs", "2", "--seed", "3", "--out", str(run))
@@ -50,10 +51,11 @@ def test_train_then_resume_a_finished_run(tmp_path: Path) -> None:
     assert json.loads((run / "report.json").read_text())["top1"] == report["top1"]
 
 
+@pytest.mark.slow
 def test_config_file_and_flags(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model: {arch: simple_cnn, channels: [8], color_mode: L}\nepochs: 5\n")
-    result = imgclf("train", "--config", str(cfg), "--epochs", "1", "--out", str(tmp_path / "run"))
+    result = in_process("train", "--config", str(cfg), "--epochs", "1", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "epochs: 1" in saved and "arch: simple_cnn" in saved
@@ -69,7 +71,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     ],
 )
 def test_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
-    result = imgclf("train", *args, "--out", str(tmp_path / "run"))
+    result = in_process("train", *args, "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -78,17 +80,18 @@ def test_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
 def test_unknown_config_key(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("optim: {learning_rate: 0.1}\n")
-    result = imgclf("train", "--config", str(cfg))
+    result = in_process("train", "--config", str(cfg))
     assert result.returncode == 2 and "optim.learning_rate: unknown key" in result.stderr
 
 
 def test_resume_refuses_other_options(tmp_path: Path) -> None:
-    result = imgclf("train", "--resume", str(tmp_path), "--epochs", "3")
+    result = in_process("train", "--resume", str(tmp_path), "--epochs", "3")
     assert result.returncode == 2 and "--resume" in result.stderr
 
 
+@pytest.mark.slow
 def test_lr_find(tmp_path: Path) -> None:
-    result = imgclf("lr-find", "--data", "digits", "--arch", "lenet5", "--num-iter", "60", "--out", str(tmp_path))
+    result = in_process("lr-find", "--data", "digits", "--arch", "lenet5", "--num-iter", "60", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     found = json.loads((tmp_path / "lr_find.json").read_text())
     lrs, losses = found["lrs"], found["losses"]
@@ -101,7 +104,7 @@ def test_lr_find(tmp_path: Path) -> None:
 
 
 def test_archs_lists_the_registry() -> None:
-    result = imgclf("archs")
+    result = in_process("archs")
     assert result.returncode == 0
     assert {"lenet5", "simple_cnn", "resnet18", "efficientnet_lite0"} <= set(result.stdout.split())
 
@@ -112,7 +115,8 @@ SCRIPT = Path(sys.executable).with_name("imgclf")  # the console script, as pypr
 
 
 def console(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``imgclf ARGS`` through the installed console script, with no IMGCLF_* variable but ``env``."""
+    """``imgclf ARGS`` through the installed console script, with no IMGCLF_* variable but ``env``
+    (where the script itself is the subject; the error rule's tests run in process)."""
     if not SCRIPT.is_file():
         pytest.fail(f"no console script at {SCRIPT}: install the project (make setup)")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGCLF_")}
@@ -153,10 +157,10 @@ def test_a_serving_variable_does_not_stop_the_repository_commands(listed_repo: P
     bad_serving = ({"IMGCLF_MAX_QUEUE": "100", "IMGCLF_MAX_CONCURRENCY": "64"}, {"IMGCLF_MAX_QUEUE": "abc"})
     for repo_args, env in (((), {"IMGCLF_MODEL_REPO": str(listed_repo)}), (("--repo", str(listed_repo)), {})):
         for bad in bad_serving:
-            result = console("models", "list", *repo_args, **bad, **env)
+            result = in_process("models", "list", *repo_args, **bad, **env)
             assert result.returncode == 0, result.stderr
             assert result.stdout.strip() == "tiny: 1 (production)"
-    history = console("pipeline", "history", "--repo", str(listed_repo), IMGCLF_MAX_QUEUE="abc")
+    history = in_process("pipeline", "history", "--repo", str(listed_repo), IMGCLF_MAX_QUEUE="abc")
     assert history.returncode == 0 and "no pipeline runs recorded" in history.stdout, history.stderr
 
 
@@ -169,17 +173,17 @@ def empty_repo(tmp_path: Path) -> Path:
 
 
 def test_a_bad_serving_variable_is_one_line_naming_it(empty_repo: Path) -> None:
-    line = one_line_error(console("serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="abc"),
+    line = one_line_error(in_process("serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="abc"),
                           "IMGCLF_MAX_QUEUE", "'abc'")
     assert "allowed: an integer >= 1" in line
-    one_line_error(console("serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="100", IMGCLF_MAX_CONCURRENCY="64"),
+    one_line_error(in_process("serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="100", IMGCLF_MAX_CONCURRENCY="64"),
                    "IMGCLF_MAX_QUEUE", "IMGCLF_MAX_CONCURRENCY")
-    one_line_error(console("serve", "--repo", str(empty_repo), IMGCLF_DEVICE="tpu"), "IMGCLF_DEVICE", "cpu, cuda")
-    one_line_error(console("serve", "--repo", str(empty_repo)), "no models in")  # and valid settings get this far
+    one_line_error(in_process("serve", "--repo", str(empty_repo), IMGCLF_DEVICE="tpu"), "IMGCLF_DEVICE", "cpu, cuda")
+    one_line_error(in_process("serve", "--repo", str(empty_repo)), "no models in")  # and valid settings get this far
 
 
 def test_the_admin_token_is_never_echoed(empty_repo: Path) -> None:
-    result = console("serve", "--repo", str(empty_repo), IMGCLF_ADMIN_TOKEN="s3cret-token", IMGCLF_WORKERS="-1")
+    result = in_process("serve", "--repo", str(empty_repo), IMGCLF_ADMIN_TOKEN="s3cret-token", IMGCLF_WORKERS="-1")
     one_line_error(result, "IMGCLF_WORKERS")
     assert "s3cret-token" not in result.stderr + result.stdout
 
@@ -187,31 +191,31 @@ def test_the_admin_token_is_never_echoed(empty_repo: Path) -> None:
 def test_a_bad_config_key_or_file_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("optim: {learning_rate: 0.1}\nepochs: 0\n")
-    line = one_line_error(console("train", "--config", str(cfg), "--out", str(tmp_path / "run")),
+    line = one_line_error(in_process("train", "--config", str(cfg), "--out", str(tmp_path / "run")),
                           "optim.learning_rate: unknown key", "epochs")
     assert not (tmp_path / "run").exists(), line
-    one_line_error(console("train", "--config", str(tmp_path / "missing.yaml")), "cannot read config")
-    one_line_error(console("pipeline", "--config", str(cfg), "--name", "x", "--data", "d", "--holdout", "h"))
+    one_line_error(in_process("train", "--config", str(tmp_path / "missing.yaml")), "cannot read config")
+    one_line_error(in_process("pipeline", "--config", str(cfg), "--name", "x", "--data", "d", "--holdout", "h"))
 
 
 def test_a_missing_repository_or_unknown_model_is_one_line(listed_repo: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-repo"
     for command in (("models", "show", "tiny"), ("models", "list"), ("batch", "x", "--model", "tiny", "--out",
                                                                       str(tmp_path / "o.csv"))):
-        one_line_error(console(*command, "--repo", str(missing)), str(missing), "--repo", "IMGCLF_MODEL_REPO")
-    one_line_error(console("models", "show", "nope", "--repo", str(listed_repo)), "no model named 'nope'", "tiny")
-    one_line_error(console("models", "show", "tiny:7", "--repo", str(listed_repo)), "no version 7")
-    one_line_error(console("models", "show", "tiny:x", "--repo", str(listed_repo)), "invalid model version")
-    one_line_error(console("preprocess", str(tmp_path / "none.jpg")), "cannot read", "none.jpg")
+        one_line_error(in_process(*command, "--repo", str(missing)), str(missing), "--repo", "IMGCLF_MODEL_REPO")
+    one_line_error(in_process("models", "show", "nope", "--repo", str(listed_repo)), "no model named 'nope'", "tiny")
+    one_line_error(in_process("models", "show", "tiny:7", "--repo", str(listed_repo)), "no version 7")
+    one_line_error(in_process("models", "show", "tiny:x", "--repo", str(listed_repo)), "invalid model version")
+    one_line_error(in_process("preprocess", str(tmp_path / "none.jpg")), "cannot read", "none.jpg")
 
 
 def test_verbose_shows_the_traceback(listed_repo: Path, empty_repo: Path) -> None:
-    plain = console("models", "show", "nope", "--repo", str(listed_repo))
-    verbose = console("-v", "models", "show", "nope", "--repo", str(listed_repo))
+    plain = in_process("models", "show", "nope", "--repo", str(listed_repo))
+    verbose = in_process("-v", "models", "show", "nope", "--repo", str(listed_repo))
     assert verbose.returncode == 2
     assert "Traceback" in verbose.stderr and "ModelNotFoundError" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == one_line_error(plain)
-    settings_error = console("-v", "serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="abc")
+    settings_error = in_process("-v", "serve", "--repo", str(empty_repo), IMGCLF_MAX_QUEUE="abc")
     assert settings_error.returncode == 2 and "ValidationError" in settings_error.stderr
 
 

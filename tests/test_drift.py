@@ -27,6 +27,8 @@ from service.runtime import OnnxModel
 from tests.support.servers import serve
 from tests.support.trust import NAME, DigitsModel, copy_repo, digits_model, metric
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 WINDOW = 100
 MAX_LABELS = 3
 STREAMS = ("digits-like", "digits-one", "digits-inverted", "digits-half", "digits-noref")

@@ -23,7 +23,7 @@ from service.explainer import Explainer
 from service.repository import ModelRepository
 from service.runtime import OnnxModel
 from tests.support import images
-from tests.support.cli import imgclf
+from tests.support.cli import imgclf, in_process
 from training.config import ModelConfig, resolve_config
 from training.explain.gradcam import explain_image, pearson
 from training.explain.heads import feature_layer
@@ -31,6 +31,8 @@ from training.explain.runs import load_run
 from training.export import export, from_run
 from training.models import create_model
 from training.train import train
+
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
 
 # arch -> (exact?, measured Pearson, min over targets); asserted to 0.99 and to the figure within 1e-3
 AGREEMENT = {"simple_cnn": (True, 1.0000), "lenet5": (False, 1.0000), "efficientnet_lite0": (True, 1.0000)}
@@ -116,11 +118,11 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_explain_a_run_and_a_registered_version(runs: dict[str, Path], registered: Path, image_file: Path,
                                                 tmp_path: Path) -> None:
-    result = imgclf("explain", str(runs["lenet5"]), str(image_file), "--target", "1", "--out", str(tmp_path / "r.png"))
+    result = in_process("explain", str(runs["lenet5"]), str(image_file), "--target", "1", "--out", str(tmp_path / "r.png"))
     assert result.returncode == 0, result.stderr
     assert "'1' (index 1" in result.stdout and "torch Grad-CAM" in result.stdout
     assert _png_size(tmp_path / "r.png") == (32, 32)
-    version = imgclf("explain", "digits-lenet5", str(image_file), "--target", "1", "--repo", str(registered),
+    version = in_process("explain", "digits-lenet5", str(image_file), "--target", "1", "--repo", str(registered),
                      "--out", str(tmp_path / "d.png"))
     assert version.returncode == 0, version.stderr
     score = re.compile(r"score (\d\.\d{3})")  # the run prints the calibrated score its export serves
@@ -150,33 +152,33 @@ def test_explain_mistakes_are_one_line_and_exit_2(args: list[str], words: str, r
 
 
 def test_featuremaps_of_an_architecture_and_of_a_run(runs: dict[str, Path], image_file: Path, tmp_path: Path) -> None:
-    result = imgclf("featuremaps", "resnet18", str(image_file), "--image-size", "64", "--out", str(tmp_path / "a"))
+    result = in_process("featuremaps", "resnet18", str(image_file), "--image-size", "64", "--out", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr
     written = sorted((tmp_path / "a").iterdir())
     assert [p.name for p in written] == ["00_relu.png", "01_layer1.png", "02_layer2.png", "03_layer3.png",
                                          "04_layer4.png"]
     assert result.stdout.split() == [str(p) for p in written]
-    result = imgclf("featuremaps", str(runs["lenet5"]), str(image_file), "--out", str(tmp_path / "r"))
+    result = in_process("featuremaps", str(runs["lenet5"]), str(image_file), "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "r").glob("*.png"))) == 3
-    bad = imgclf("featuremaps", "resnet-nine", str(image_file), "--out", str(tmp_path / "x"))
+    bad = in_process("featuremaps", "resnet-nine", str(image_file), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "architectures:" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_summary_prints_the_arithmetic() -> None:
-    result = imgclf("summary", "--arch", "lenet5")
+    result = in_process("summary", "--arch", "lenet5")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["layer", "type", "kernel", "stride"] and lines[-1].startswith("total")
     model = create_model(ModelConfig(arch="lenet5"), 1000).model
     assert f"{sum(p.numel() for p in model.parameters()):,}" in lines[-1]
     assert any("Conv2d" in line and " 5 " in line for line in lines)
-    bad = imgclf("summary", "--arch", "resnet-nine")
+    bad = in_process("summary", "--arch", "resnet-nine")
     assert bad.returncode == 2 and "available:" in bad.stderr
 
 
 def test_the_summary_follows_the_image_size() -> None:
-    small, large = (imgclf("summary", "--arch", "resnet18", "--image-size", str(n)) for n in (64, 128))
+    small, large = (in_process("summary", "--arch", "resnet18", "--image-size", str(n)) for n in (64, 128))
     assert small.returncode == large.returncode == 0, small.stderr + large.stderr
     assert "512x2x2" in small.stdout and "512x4x4" in large.stdout
     assert small.stdout.splitlines()[-1].split()[1] == large.stdout.splitlines()[-1].split()[1]  # same params

@@ -38,6 +38,8 @@ from tests.support import ROOT, images
 from tests.support.heatmaps import assert_peak_in_cell
 from tests.support.servers import AUTH, NAME, TOKEN, add_copy, copy_repo, serve
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 LEGACY = "legacy-lite0"
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 MAX_UPLOAD = 2 * 1024 * 1024

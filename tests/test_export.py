@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from service.preprocessing import image_to_tensor
 from service.repository import ModelRepository
 from service.runtime import create_session, run_logits, softmax
-from tests.support.cli import imgclf
+from tests.support.cli import in_process
 from training.config import ModelConfig, resolve_config
 from training.export import (
     PARITY_RTOL,
@@ -31,6 +32,8 @@ from training.export import (
 from training.models import create_model
 from training.train import train
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 
 @pytest.fixture(scope="module")
 def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -40,12 +43,8 @@ def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("lite0_run")
-    cfg = resolve_config(None, {"model": {"arch": "efficientnet_lite0", "pretrained": True, "image_size": 32},
-                                "epochs": 1})
-    train(cfg, run)
-    return run
+def lite0_run(lite0_digits_run: Path) -> Path:
+    return lite0_digits_run
 
 
 def test_lenet5_round_trip(lenet_run: Path, tmp_path: Path) -> None:
@@ -277,27 +276,27 @@ def test_a_dataset_too_small_to_check_says_how_many_images_it_needs(tmp_path: Pa
 
 def test_export_cli(lenet_run: Path, tmp_path: Path) -> None:
     repo = str(tmp_path / "models")
-    result = imgclf("export", str(lenet_run), "--name", "digits", "--repo", repo, "--promote")
+    result = in_process("export", str(lenet_run), "--name", "digits", "--repo", repo, "--promote")
     assert result.returncode == 0, result.stderr
     assert "registered digits:1" in result.stdout
     assert ModelRepository(repo).aliases("digits") == {"production": 1}
-    bad = imgclf("export", str(lenet_run), "--name", "../evil", "--repo", repo)
+    bad = in_process("export", str(lenet_run), "--name", "../evil", "--repo", repo)
     assert bad.returncode == 2 and "invalid model name" in bad.stderr
-    missing = imgclf("export", str(tmp_path / "nope"), "--name", "x", "--repo", repo)
+    missing = in_process("export", str(tmp_path / "nope"), "--name", "x", "--repo", repo)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
-def test_bootstrap_is_idempotent_and_recognises_real_photos(tmp_path: Path) -> None:
+def test_bootstrap_is_idempotent_and_recognises_real_photos(imagenet_repo: Path, tmp_path: Path) -> None:
+    """The session's repository is the first `imgclf bootstrap` (conftest); a second one changes nothing."""
     from training.sample_images import real_photos
 
     repo_dir = tmp_path / "models"
-    first = imgclf("bootstrap", "--repo", str(repo_dir))
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(imagenet_repo, repo_dir, copy_function=shutil.copy2)  # keeps the files' mtimes
     repo = ModelRepository(repo_dir)
     version = repo.get("imagenet-lite0")
     assert version.manifest.version == 1 and len(version.manifest.labels) == 1000
     before = {p.name: p.stat().st_mtime_ns for p in version.path.iterdir()}
-    second = imgclf("bootstrap", "--repo", str(repo_dir))
+    second = in_process("bootstrap", "--repo", str(repo_dir))
     assert second.returncode == 0 and "nothing changed" in second.stdout
     assert repo.versions("imagenet-lite0") == [1]
     assert {p.name: p.stat().st_mtime_ns for p in version.path.iterdir()} == before

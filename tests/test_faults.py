@@ -50,6 +50,8 @@ from tests.support.servers import (
     switch_to,
 )
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 QUEUE, BUDGET_MS = 16, 400  # admission settings of the test server (a 2-core machine does ~30 images/s)
 
 
@@ -219,14 +221,17 @@ def test_overload_is_refused_fast_and_the_service_recovers(server: LiveServer, t
     seen = load["server_side"]
     assert seen["503"]["p50_le_ms"] < seen["200"]["p50_le_ms"] / 3, summary
     assert result["refusals_counted_in_metrics"] == result["refusals_in_all_phases"], summary
-    # accepted requests keep a bounded latency (without admission it grows with the backlog: seconds). 2.5 s is
-    # the histogram's bucket above 5 x budget; the overload phase would queue up to 15 s of work without admission.
-    assert seen["200"]["p99_le_ms"] <= 2500, summary
-    # health never refused; nothing crashed; back to normal once the load stops
+    # Accepted requests keep a bounded latency: without admission each would wait behind the whole backlog, and
+    # queueing every request of the flood would take `requests / capacity` seconds of work (about 20 s here).
+    # Measured in the same run, so a slow or busy machine moves both sides alike.
+    backlog_ms = 1000 * load["requests"] / result["capacity"]["ok_rps"]
+    assert seen["200"]["p99_le_ms"] < backlog_ms / 4, summary
+    # health never refused; nothing crashed; back to normal once the load stops (by the server's clock: half the
+    # answers after the flood within twice the baseline's, up to one histogram bucket)
     assert load["health"]["ok"] == load["health"]["probes"] > 0, summary
     assert server.proc.poll() is None and [p.pid for p in workers(server)] == before
     assert after["refused"] == after["other_errors"] == 0, summary
-    assert after["ok_p50_ms"] < 2 * base["ok_p50_ms"] + 50, summary
+    assert after["server_side"]["200"]["p50_le_ms"] <= 3 * base["server_side"]["200"]["p50_le_ms"], summary
 
 
 # --- the served model changes on disk under the server -------------------------------------------------------------

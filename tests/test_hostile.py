@@ -34,6 +34,8 @@ from tests.support import ROOT, images
 from tests.support.budget import cpu_seconds
 from tests.support.mutations import mutated, real_seeds
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 MAX_UPLOAD = 2 * 1024 * 1024
 MAX_REQUEST = 4 * 1024 * 1024
 MAX_ARCHIVE = 4 * 1024 * 1024

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
 
@@ -31,15 +29,23 @@ def test_contracts_are_kept() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("module", "line", "contract"), [
-    ("service/runtime.py", "import torch", "never imports training"),
-    ("service/batch/scoring.py", "import service.http.app", "never import the HTTP edge"),
-    ("service/preprocessing/tensor.py", "import bentoml", "never import the HTTP edge"),
-])
-def test_a_broken_contract_fails(tmp_path: Path, module: str, line: str, contract: str) -> None:
+# (module, planted line, the chain lint-imports must report for it, the contract it breaks)
+PLANTS = [
+    ("service/runtime.py", "import torch", "service.runtime -> torch", "never imports training"),
+    ("service/batch/scoring.py", "import service.http.app", "service.batch.scoring -> service.http.app",
+     "never import the HTTP edge"),
+    ("service/preprocessing/tensor.py", "import bentoml", "service.preprocessing.tensor -> bentoml",
+     "never import the HTTP edge"),
+]
+
+
+def test_each_planted_import_breaks_its_contract(tmp_path: Path) -> None:
+    """One copy of the tree with every violation planted, one run of lint-imports: each one is reported."""
     project = _copy(tmp_path)
-    path = project / module
-    path.write_text(path.read_text() + f"\n{line}  # planted by the test\n")
+    for module, line, _, _ in PLANTS:
+        path = project / module
+        path.write_text(path.read_text() + f"\n{line}  # planted by the test\n")
     result = _lint(project)
-    assert result.returncode != 0
-    assert "BROKEN" in result.stdout and contract in result.stdout
+    assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout
+    for _, _, chain, contract in PLANTS:
+        assert contract in result.stdout and chain in result.stdout, (chain, result.stdout)

@@ -20,6 +20,8 @@ from packaging.requirements import Requirement
 
 from tests.support import ROOT
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 # rich and fsspec (batch jobs) come with bentoml anyway; listed because the service imports them
 SERVING_PACKAGES = {"onnxruntime", "numpy", "pillow", "pillow-heif", "pydantic", "bentoml", "typer", "rich", "fsspec",
                     "grpcio", "protobuf", "uvloop", "httptools"}

@@ -35,6 +35,8 @@ from training.pipeline.gate import decide
 from training.pipeline.record import RECORDS_DIR, StopRun, read_records, warm_start
 from training.pipeline.run import PipelineHooks, PipelineResult, run_pipeline
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 NAME = "digits"
 TOKEN = "pipeline-test-token-7d1e"
 PER_CLASS, HELD_OUT, PART = 100, 20, 30  # images per digit: in all, held out, in version 1's data

@@ -845,6 +845,7 @@ def test_seed_corpus_covers_every_format_and_is_read_structurally() -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore")  # Pillow reports damaged metadata through warnings
+@pytest.mark.slow
 def test_structured_fuzz_returns_a_tensor_or_an_image_input_error_in_bounded_time_and_memory() -> None:
     """Thousands of real photos with damaged headers, chunks and fields: the contract of image_to_tensor.
 

@@ -13,14 +13,30 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.devserver import running_server
+from imgclf.devserver import LiveServer, running_server
 from service.atomic import atomic_write_text
 from tests.support.servers import IMAGE, NAME, classify, copy_repo, corrupt, serve
+from tests.support.trust import metric
+
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
 
 
 @pytest.fixture
 def repo(imagenet_repo: Path, tmp_path: Path):
     return copy_repo(imagenet_repo, tmp_path / "models")
+
+
+# One server for the scenarios that only read: a 1 s grace period at 1,000 bytes/s (so a trickle is 408
+# within seconds), 1 s keep-alive, one batch job at a time, and a request timeout far beyond any test's
+# wait (so a request that is never answered shows as a hang, not as BentoML's 504).
+EDGE = {"IMGCLF_UPLOAD_GRACE_S": "1", "IMGCLF_MIN_UPLOAD_RATE": "1000", "IMGCLF_KEEPALIVE_S": "1",
+        "IMGCLF_MAX_BATCH_JOBS": "1", "IMGCLF_TIMEOUT_S": "600"}
+
+
+@pytest.fixture(scope="module")
+def edge(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    with serve(imagenet_repo, tmp_path_factory.mktemp("edge_home"), **EDGE) as server:
+        yield server
 
 
 def _slow_upload(port: int, stop: threading.Event, outcomes: list[str]) -> None:
@@ -43,46 +59,44 @@ def _slow_upload(port: int, stop: threading.Event, outcomes: list[str]) -> None:
             outcomes.append(type(exc).__name__)
 
 
-def test_slow_uploads_do_not_lock_out_normal_clients(repo, tmp_path: Path) -> None:
+def test_slow_uploads_do_not_lock_out_normal_clients(edge: LiveServer) -> None:
     """100 trickling uploads (reconnecting when dropped) while normal clients classify: all 200."""
-    with serve(repo.root, tmp_path / "home") as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        stop, outcomes = threading.Event(), []
-        attackers = [threading.Thread(target=_slow_upload, args=(port, stop, outcomes), daemon=True)
-                     for _ in range(100)]
+    port = int(edge.url.rsplit(":", 1)[1])
+    stop, outcomes = threading.Event(), []
+    attackers = [threading.Thread(target=_slow_upload, args=(port, stop, outcomes), daemon=True)
+                 for _ in range(100)]
+    for thread in attackers:
+        thread.start()
+    try:
+        time.sleep(1.0)  # the slow uploads hold every place they can get
+        statuses = []
+        for _ in range(20):
+            statuses.append(classify(edge.client).status_code)
+            time.sleep(0.2)
+        held_then = edge.client.get("/metrics").text
+    finally:
+        stop.set()
         for thread in attackers:
-            thread.start()
-        try:
-            time.sleep(1.0)  # the slow uploads hold every place they can get
-            statuses = []
-            for _ in range(20):
-                statuses.append(classify(server.client).status_code)
-                time.sleep(0.2)
-            held_then = server.client.get("/metrics").text
-        finally:
-            stop.set()
-            for thread in attackers:
-                thread.join(timeout=60)
-        assert statuses == [200] * 20
-        assert any(o.startswith("HTTP/1.1 408") for o in outcomes), outcomes[:10]
-        assert 'imgclf_errors_total{kind="timeout"}' in held_then
+            thread.join(timeout=60)
+    assert statuses == [200] * 20
+    assert any(o.startswith("HTTP/1.1 408") for o in outcomes), outcomes[:10]
+    assert 'imgclf_errors_total{kind="timeout"}' in held_then
 
 
-def test_an_upload_below_the_minimum_pace_gets_408_after_the_grace_period(repo, tmp_path: Path) -> None:
-    with serve(repo.root, tmp_path / "home", IMGCLF_UPLOAD_GRACE_S="1", IMGCLF_MIN_UPLOAD_RATE="1000") as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         b"Content-Length: 100000\r\n\r\n")
-            answer = b""
-            while b"\r\n\r\n" not in answer:  # we send nothing more: the server must answer by itself
-                data = sock.recv(4096)
-                if not data:
-                    break
-                answer += data
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-            assert b"upload too slow" in answer or sock.recv(4096).find(b"upload too slow") >= 0
-        assert classify(server.client).status_code == 200
+def test_an_upload_below_the_minimum_pace_gets_408_after_the_grace_period(edge: LiveServer) -> None:
+    port = int(edge.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # we send nothing more: the server must answer by itself
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"upload too slow" in answer or sock.recv(4096).find(b"upload too slow") >= 0
+    assert classify(edge.client).status_code == 200
 
 
 def test_bodies_in_progress_are_capped_with_503_when_all_keep_the_pace(repo, tmp_path: Path) -> None:
@@ -94,7 +108,10 @@ def test_bodies_in_progress_are_capped_with_503_when_all_keep_the_pace(repo, tmp
             for sock in held:
                 sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
                              b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b")
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60
+            while metric(server.client.get("/metrics").text, "imgclf_receiving_bodies") < 2:  # both are in
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             response = classify(server.client)
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"] == "1" and response.json()["kind"] == "overloaded"
@@ -108,6 +125,20 @@ def test_bodies_in_progress_are_capped_with_503_when_all_keep_the_pace(repo, tmp
             time.sleep(0.1)
 
 
+def test_an_upload_abandoned_midway_ends_its_request_at_once(edge: LiveServer) -> None:
+    """A client that hangs up mid-body ends its request there, not at the request timeout (600 s on this
+    server): BentoML's timeout middleware waits for a first answer, and a request that sent none held
+    its place, and a worker's graceful shutdown, until the timeout (30 s by default)."""
+    port = int(edge.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 77777\r\n\r\n--b")
+    deadline = time.monotonic() + 60  # a hang guard, 10 x below the request timeout
+    while "length=77777) (status=400" not in edge.log.read_text():
+        assert time.monotonic() < deadline, edge.log.read_text()[-2000:]
+        time.sleep(0.05)
+
+
 def _zip_of_images(count: int) -> bytes:
     import io
     import zipfile
@@ -119,23 +150,22 @@ def _zip_of_images(count: int) -> bytes:
     return out.getvalue()
 
 
-def test_batch_submit_is_under_admission_control(repo, tmp_path: Path) -> None:
-    with serve(repo.root, tmp_path / "home", IMGCLF_MAX_BATCH_JOBS="1") as server:
-        archive = _zip_of_images(200)
-        answers = [server.client.post("/batch/submit", files={"archive": ("a.zip", archive, "application/zip")})
-                   for _ in range(3)]
-        codes = [a.status_code for a in answers]
-        assert codes[0] == 200, answers[0].text
-        assert 503 in codes[1:], [a.text for a in answers]
-        refused = next(a for a in answers if a.status_code == 503)
-        assert refused.headers["retry-after"] == "5" and refused.json()["kind"] == "overloaded"
-        task = answers[0].json()["task_id"]
-        deadline = time.monotonic() + 300
-        while server.client.get("/batch/status", params={"task_id": task}).json()["status"] != "completed":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        again = server.client.post("/batch/submit", files={"archive": ("a.zip", archive, "application/zip")})
-        assert again.status_code == 200, again.text  # the slot came back when the job ended
+def test_batch_submit_is_under_admission_control(edge: LiveServer) -> None:
+    archive = _zip_of_images(200)
+    answers = [edge.client.post("/batch/submit", files={"archive": ("a.zip", archive, "application/zip")})
+               for _ in range(3)]
+    codes = [a.status_code for a in answers]
+    assert codes[0] == 200, answers[0].text
+    assert 503 in codes[1:], [a.text for a in answers]
+    refused = next(a for a in answers if a.status_code == 503)
+    assert refused.headers["retry-after"] == "5" and refused.json()["kind"] == "overloaded"
+    task = answers[0].json()["task_id"]
+    deadline = time.monotonic() + 300
+    while edge.client.get("/batch/status", params={"task_id": task}).json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    again = edge.client.post("/batch/submit", files={"archive": ("a.zip", archive, "application/zip")})
+    assert again.status_code == 200, again.text  # the slot came back when the job ended
 
 
 def test_a_version_that_fails_to_load_is_reported_and_the_others_serve(repo, tmp_path: Path) -> None:
@@ -180,16 +210,15 @@ def test_interrupted_atomic_writes_leave_debris_that_the_next_write_removes(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]
 
 
-def test_keep_alive_connections_that_sit_idle_are_closed(repo, tmp_path: Path) -> None:
-    with serve(repo.root, tmp_path / "home", IMGCLF_KEEPALIVE_S="1") as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-            sock.settimeout(30)
-            answer = b""
-            while chunk := sock.recv(4096):  # until the server closes (a 30 s timeout would raise instead)
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+def test_keep_alive_connections_that_sit_idle_are_closed(edge: LiveServer) -> None:
+    port = int(edge.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(30)
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes (a 30 s timeout would raise instead)
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
 
 
 

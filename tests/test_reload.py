@@ -29,6 +29,8 @@ from tests.support.servers import (
     switch_to,
 )
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 # --- fixtures: one repository copy and one server for the single-worker scenarios ----------------------
 
 

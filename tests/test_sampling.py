@@ -32,6 +32,8 @@ from training.pipeline.config import load_pipeline_config
 from training.pipeline.data import write_digits
 from training.pipeline.run import PipelineResult, run_pipeline
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 RECORD = {"time": "2026-12-01T09:00:00+00:00", "model": "digits", "version": 1, "route": "/classify",
           "format": "PNG", "top_k": [{"label": "3", "index": 3, "score": 0.97}], "confident": True, "threshold": 0.9}
 

@@ -33,6 +33,8 @@ from tests.support.trust import NAME, TARGET, DigitsModel, copy_repo, digits_mod
 from training.data import Sample
 from training.pipeline.metrics import holdout_metrics
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 IMAGENET = "imagenet-lite0"
 
 

@@ -24,6 +24,8 @@ from service.runtime import create_session, run_logits, softmax
 from tests.support import ROOT, images
 from tests.support.cli import imgclf
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 MAX_UPLOAD = 2 * 1024 * 1024
 MAX_BATCH = 8
@@ -235,8 +237,30 @@ def test_concurrent_requests_are_batched(server: httpx.Client) -> None:
     after = server.get("/metrics").text
     images_run = metric_total(after, "imgclf_batch_size_sum") - metric_total(before, "imgclf_batch_size_sum")
     batches = metric_total(after, "imgclf_batch_size_count") - metric_total(before, "imgclf_batch_size_count")
-    assert images_run == 48
-    assert batches < 48  # some ONNX Runtime calls carried several requests' images
+    assert images_run == 48 and 1 <= batches <= 48  # how many calls a busy machine makes is not fixed: below
+
+
+def test_requests_queued_together_share_one_onnx_runtime_call(repo_dir: Path) -> None:
+    """The batching queue itself, in process: eight requests queued before the batching task runs go into one
+    ONNX Runtime call, whatever the machine's speed (over HTTP the number of calls depends on timing)."""
+    import asyncio
+
+    from service.http.served import ServedModel
+    from service.preprocessing import image_to_tensor
+    from service.runtime import OnnxModel
+
+    version = ModelRepository(repo_dir).get("imagenet-lite0")
+    sizes: list[int] = []
+    served = ServedModel(OnnxModel.load(version.model_path, version.manifest), max_batch_size=8,
+                         on_batch=lambda _model, size, _seconds: sizes.append(size))
+    tensor = image_to_tensor(jpeg(images.photo()), version.manifest.preprocessing)
+
+    async def eight() -> list[np.ndarray]:
+        return await asyncio.gather(*(served.infer(tensor) for _ in range(8)))
+
+    answers = asyncio.run(eight())
+    assert sizes == [8]
+    assert all(np.allclose(a, answers[0], atol=1e-5) for a in answers)
 
 
 # --- operations ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from training.data import load_splits
 from training.regularization import no_decay_names
 from training.train import build_trainer, train
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 FAST = {"model": {"arch": "lenet5"}, "epochs": 2, "batch_size": 64}
 
 

@@ -91,8 +91,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def explain_answer(server: LiveServer, files: dict[str, Path]) -> httpx.Response:
-    """What POST /explain answers for the photo (404 until the explanations endpoint is served)."""
-    return server.client.post("/explain", files={"image": ("chelsea.jpg", files["chelsea.jpg"].read_bytes())})
+    """What POST /explain answers for the photo: the page draws its heatmap from the same answer."""
+    answer = server.client.post("/explain", files={"image": ("chelsea.jpg", files["chelsea.jpg"].read_bytes())})
+    assert answer.status_code == 200, answer.text
+    return answer
 
 
 @pytest.fixture
@@ -176,17 +178,12 @@ def test_a_photo_shows_its_label_the_model_and_the_latency(page: UiPage, explain
     assert page.js("return document.getElementById('progress').value") == 100
     assert page.js("return localStorage.length + sessionStorage.length + document.cookie.length") == 0
     note, toggle = page.by_id("explain-note"), page.by_id("heatmap-toggle")
-    if explain_answer.status_code == 404:  # until /explain lands: the API's message, the toggle disabled
-        assert note.text == f"No heatmap: {explain_answer.json()['error']}" and not toggle.is_enabled()
-    else:
-        assert note.get_attribute("data-state") == "done" and toggle.is_enabled(), note.text
+    assert note.get_attribute("data-state") == "done" and toggle.is_enabled(), note.text
     page.shot("photo")
     assert not console_errors(page.driver)
 
 
 def test_the_heatmap_turns_on_and_off(page: UiPage, explain_answer: httpx.Response, files: dict[str, Path]) -> None:
-    if explain_answer.status_code == 404:
-        pytest.skip("POST /explain answers 404 (not served yet): this test passes once /explain lands")
     assert explain_answer.status_code == 200, explain_answer.text
     assert page.upload(files["chelsea.jpg"]) == "done"
     crop, toggle = page.by_id("crop"), page.by_id("heatmap-toggle")

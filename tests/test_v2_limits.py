@@ -37,6 +37,8 @@ from service.settings import Settings
 from tests.support import ROOT
 from tests.support.servers import NAME, jpeg_photo, serve
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 
 def full_service(max_queue: int = 2) -> tuple[V2Service, list[str]]:
     """A V2Service whose worker already has ``max_queue`` requests in flight; the error kinds it counts."""

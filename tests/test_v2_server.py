@@ -30,6 +30,8 @@ from service.preprocessing import PreprocessSpec, image_to_tensor
 from tests.support import images
 from tests.support.servers import AUTH, NAME, TOKEN, add_copy, copy_repo, serve
 
+pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
+
 MAX_IMAGES = 8
 MAX_REQUEST = 16 * 1024 * 1024  # JSON pixels of 2 images are about 6 MB
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
