@@ -14,7 +14,6 @@ from tests.support.cli import in_process
 from tests.support.images import digit_images, write_image
 from tests.support.once import built_once
 
-
 # Under pytest-xdist each worker (and every subprocess it starts) gets its share of the cores: torch's
 # OpenMP threads wait by spinning, and two workers with one thread per core each made the training tests
 # four times slower than one worker on the 2-core machine (docs/testing.md).

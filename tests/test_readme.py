@@ -36,7 +36,7 @@ def tour_steps(readme: str) -> list[tuple[str, str]]:
     """(command, expected stdout) for every `$ ` line of the tour's console blocks."""
     section = readme.split(TOUR, 1)[1].split("\n## ", 1)[0]
     steps: list[tuple[str, list[str]]] = []
-    for block in re.findall(r"```console\n(.*?)```", section, flags=re.S):
+    for block in re.findall(r"```console\n(.*?)```", section, flags=re.DOTALL):
         for line in block.splitlines():
             if line.startswith("$ "):
                 steps.append((line[2:], []))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+
 def run_root(factory: pytest.TempPathFactory) -> Path:
     """The folder every process of this pytest run shares (its basetemp, or the workers' parent)."""
     base = factory.getbasetemp()

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.once import built_once
-
 from service.manifest import Manifest
 from service.repository import MANIFEST, ModelRepository
+from tests.support.once import built_once
 
 NAME = "digits"
 TARGET = 0.98  # the target precision the test model is exported with (0.99 needs more validation images)
