@@ -1,4 +1,5 @@
-"""Shared fixtures only: isolated caches, real image folders, the bootstrapped repository.
+"""Shared fixtures (isolated caches, real image folders, the artifacts built once per run) and how the
+run is laid out over pytest-xdist's workers.
 
 Helpers that tests import live in tests/support/ (a test module never imports conftest).
 """
@@ -18,7 +19,8 @@ from tests.support.once import built_once
 # OpenMP threads wait by spinning, and two workers with one thread per core each made the training tests
 # four times slower than one worker on the 2-core machine (docs/testing.md).
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 # Modules that take longest run first, so that with xdist's --dist loadfile no long module starts last
 # while the other worker has nothing left (longest first is the classic fix; measured in docs/testing.md).
