@@ -227,7 +227,7 @@ def test_overload_is_refused_fast_and_the_service_recovers(server: LiveServer, t
     backlog_ms = 1000 * load["requests"] / result["capacity"]["ok_rps"]
     assert seen["200"]["p99_le_ms"] < backlog_ms / 4, summary
     # health never refused; nothing crashed; back to normal once the load stops (by the server's clock: half the
-    # answers after the flood within twice the baseline's, up to one histogram bucket)
+    # answers after the flood within three times the baseline's bound; the buckets are coarse, 50, 75, 100, 250 ms)
     assert load["health"]["ok"] == load["health"]["probes"] > 0, summary
     assert server.proc.poll() is None and [p.pid for p in workers(server)] == before
     assert after["refused"] == after["other_errors"] == 0, summary
