@@ -2,10 +2,9 @@
 
 The bootstrapped ImageNet repository, the trust suite's digits model, the fine-tuned Lite0 run: each is
 built by the first asker into a folder of this run's temporary root and reused read-only by every later
-one. Under
-pytest-xdist the workers' temporary roots are siblings in one run folder, so a file lock there makes
-the first worker build and the others wait for it (the recipe in pytest-xdist's documentation);
-without xdist the run's own temporary root is used. Nothing survives into the next run.
+one. Under pytest-xdist the workers' temporary roots are siblings in one run folder, so a file lock
+there makes the first worker build and the others wait for it (the recipe in pytest-xdist's
+documentation); without xdist the run's own temporary root is used. Nothing survives into the next run.
 """
 
 from __future__ import annotations
