@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Registers the offline ImageNet model once (idempotent), then serves on port 3000.
+# Registers the offline ImageNet model once (idempotent), then serves on port 3000 with it as the
+# default model (a request without `model` gets it, however many models are promoted beside it).
 serve: setup
 	$(VENV)/bin/imgclf bootstrap
-	$(VENV)/bin/imgclf serve --port 3000
+	IMGCLF_DEFAULT_MODEL=$${IMGCLF_DEFAULT_MODEL-imagenet-lite0} $(VENV)/bin/imgclf serve --port 3000
 
 # Every test, the layering contracts included (tests/test_layering.py runs lint-imports).
 test: setup

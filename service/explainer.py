@@ -4,7 +4,7 @@ The steps: decode and crop exactly as classification does (the crop is kept: the
 run the graph for ``(logits, features)``, pick the target (default: top-1), then
 
 - ``cam`` / ``gradcam``: backpropagate the target's logit through the head the manifest describes
-  (:class:`service.explain.Head`, numpy) and weight the feature map with it;
+  (:class:`service.cam.Head`, numpy) and weight the feature map with it;
 - ``occlusion`` (no head recorded, or a manifest written before explanations): hide patches and measure
   the drop of the target's probability, in batches.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.explain import (
+from service.cam import (
     ExplainError,
     ExplainSpec,
     ExplainTarget,

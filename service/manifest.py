@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.cam import ExplainSpec  # service.cam never imports the manifest: no cycle
 from service.drift import DriftReference
-from service.explain import ExplainSpec  # service.explain never imports the manifest: no cycle
 from service.preprocessing.spec import PreprocessSpec
 from service.selective import Selective
 

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.explain import upsample
+from service.cam import upsample
 from service.preprocessing import PreprocessSpec
 
 

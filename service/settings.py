@@ -31,6 +31,8 @@ class Settings(BaseModel):
     model_repo: Path = Field(default=Path("models"), description="the model repository")
     models: list[str] = Field(default_factory=list, description="NAME[:VERSION] to load, comma-separated; "
                               "default: the production version of every model")
+    default_model: str | None = Field(default=None, description="the model a request without `model` gets; "
+                                      "unset: the one model served, and a 400 listing them when there are several")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="cuda without a working CUDA "
                                                    "provider is a startup error")
     workers: int = Field(default=0, ge=0, description="worker processes, each with its own sessions; 0: one per "
@@ -46,7 +48,7 @@ class Settings(BaseModel):
                                  "health and metrics, before BentoML's bare 429: a backstop far above IMGCLF_MAX_QUEUE "
                                  "and IMGCLF_MAX_RECEIVING, whose answers (503/408 with a reason) come first")
     max_queue: int = Field(default=32, ge=1, description="/classify and /classify_batch requests in flight per "
-                           "worker; more get 503 with Retry-After at once (service/admission.py)")
+                           "worker; more get 503 with Retry-After at once (service/http/admission.py)")
     latency_budget_ms: float = Field(default=1000.0, ge=0, description="refuse (503, Retry-After) a request whose "
                                      "estimated latency, in flight x measured service time, is over this; 0: off")
     timeout_s: float = Field(default=30.0, gt=0, description="request timeout (504 past it)")
@@ -97,19 +99,10 @@ class Settings(BaseModel):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "grpc_port", "sample_dir", "default_model", mode="before")
     @classmethod
     def _blank_is_off(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("grpc_port", mode="before")
-    @classmethod
-    def _blank_port_is_off(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("sample_dir", mode="before")
-    @classmethod
-    def _blank_dir_is_off(cls, value: object) -> object:
+        """A variable set but empty means unset, as a shell user expects of an optional setting."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -167,7 +160,8 @@ def env_name(field: str) -> str:
 
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))  # pydantic's Field(ge=...) metadata
 _KINDS = {int: "an integer", float: "a number", Path: "a path", list[str]: "a comma-separated list",
-          int | None: "an integer (unset: off)", bool: "0 or 1", Path | None: "a path (unset: off)"}
+          int | None: "an integer (unset: off)", bool: "0 or 1", Path | None: "a path (unset: off)",
+          str | None: "a string (unset: none)"}
 
 
 def allowed_values(field: str) -> str:

@@ -1,4 +1,4 @@
-"""Explanations: the numpy serving path (service/explain.py) against torch autograd, on every architecture.
+"""Explanations: the numpy serving path (service/cam.py) against torch autograd, on every architecture.
 
 Measured agreement of numpy Grad-CAM (torch features + exported head arrays) with torch autograd
 Grad-CAM (Pearson of the signed maps at feature resolution, minimum over the top-1 and the last class, random
@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.explain import (
+from service.cam import (
     ExplainError,
     ExplainSpec,
     Head,

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from imgclf.devserver import LiveServer
-from service.explain import ExplainError
+from service.cam import ExplainError
 from service.explainer import Explainer, prepare
 from service.http.served import ServedModel
 from service.manifest import Manifest
@@ -78,7 +78,7 @@ def repo(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Model
 @pytest.fixture(scope="module")
 def server(repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with serve(repo.root, tmp_path_factory.mktemp("home"), IMGCLF_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
-               IMGCLF_ADMIN_TOKEN=TOKEN) as live:
+               IMGCLF_ADMIN_TOKEN=TOKEN, IMGCLF_DEFAULT_MODEL=NAME) as live:
         yield live
 
 
@@ -126,7 +126,7 @@ def test_explanations_and_classifications_share_one_batch(imagenet_repo: Path) -
 
     async def both() -> list:
         return await asyncio.gather(served.infer(x), served.infer_outputs(x, ("features",)), served.infer(x),
-                                    served.infer_outputs(x, ("features",)), served.infer_logits(x))
+                                    served.infer_outputs(x, ("features",)), served.infer(x))
 
     probs, (logits, features), probs2, (logits2, _), raw = asyncio.run(both())
     assert sizes == [5], "one ONNX Runtime call for the whole batch, whatever each item asked for"

@@ -25,7 +25,8 @@ import pytest
 
 from imgclf.devserver import LiveServer
 from service.atomic import atomic_write_json
-from service.http.admission import MIN_SAMPLES, Admission, LoadEstimate
+from service.http.admission import MIN_SAMPLES, Admission, AdmissionControl, LoadEstimate
+from service.http.errors import ErrorResponses
 from service.repository import (
     ALIASES,
     MODEL_FILE,
@@ -111,7 +112,8 @@ def test_admission_refuses_before_reading_the_body_and_spares_health() -> None:
     async def never_read() -> dict:
         raise AssertionError("a refused request's body must not be read")
 
-    admission = Admission(app, routes=["/classify"], max_queue=2, latency_budget_ms=0, on_error=errors.append)
+    control = AdmissionControl(app, Admission(max_queue=2, latency_budget_ms=0), routes=["/classify"])
+    admission = ErrorResponses(control, count=errors.append)  # refusals are raised, rendered and counted there
 
     async def call(path: str, method: str = "POST") -> list[dict]:
         sent: list[dict] = []
@@ -125,7 +127,7 @@ def test_admission_refuses_before_reading_the_body_and_spares_health() -> None:
     async def scenario() -> None:
         in_flight = [asyncio.create_task(call("/classify")) for _ in range(2)]
         await asyncio.sleep(0.01)
-        assert admission.load.in_flight == 2
+        assert control.admission.load.in_flight == 2
         refused = await asyncio.wait_for(call("/classify"), 1)  # answered at once, not queued
         start = refused[0]
         assert start["status"] == 503
@@ -140,7 +142,7 @@ def test_admission_refuses_before_reading_the_body_and_spares_health() -> None:
         held.set()
         for task in in_flight:
             assert (await task)[0]["status"] == 200
-        assert admission.load.in_flight == 0
+        assert control.admission.load.in_flight == 0
         assert (await call("/classify"))[0]["status"] == 200  # room again
 
     asyncio.run(scenario())
@@ -149,8 +151,7 @@ def test_admission_refuses_before_reading_the_body_and_spares_health() -> None:
 
 def test_latency_budget_uses_the_measured_service_time() -> None:
     clock = FakeClock()
-    admission = Admission(lambda *a: None, routes=["/classify"], max_queue=100, latency_budget_ms=300,
-                          estimate=LoadEstimate(clock=clock))
+    admission = Admission(max_queue=100, latency_budget_ms=300, estimate=LoadEstimate(clock=clock))
     load = admission.load
     for _ in range(MIN_SAMPLES):
         load.started()

@@ -57,14 +57,17 @@ def test_admin_is_off_without_a_token() -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from service.http.admin import AdminRoute
-    from service.http.catalog import LiveCatalog
+    from service.http.admin import PREFIX, AdminRoute
+    from service.http.errors import ErrorResponses
+    from service.http.live import LiveCatalog
+    from service.http.routes import Endpoint, mount
     from service.settings import Settings
 
     inner = Starlette(routes=[Route("/ping", lambda _: PlainTextResponse("pong"))])
     for token in (None, ""):
         settings = Settings.from_env({} if token is None else {"IMGCLF_ADMIN_TOKEN": token})
-        app = AdminRoute(inner, live=LiveCatalog(settings), token=settings.admin_token)
+        admin = AdminRoute(live=LiveCatalog(settings), token=settings.admin_token)
+        app = ErrorResponses(mount([Endpoint(PREFIX, admin, prefix=True)], inner), count=lambda _kind: None)
         with TestClient(app) as client:
             for path in ("/admin/reload", "/admin", "/admin/anything"):
                 response = client.post(path, headers=AUTH)
@@ -242,7 +245,8 @@ def test_all_workers_converge_after_one_admin_reload(
 
 def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Path) -> None:
     """Reload builds beside, swaps whole, lets leases finish, then stops the old batching task and session."""
-    from service.http.catalog import Catalog, LiveCatalog, ReloadRefusedError
+    from service.http.catalog import Catalog, ReloadRefusedError
+    from service.http.live import LiveCatalog
     from service.settings import Settings
 
     repo = copy_repo(imagenet_repo, tmp_path / "models")
@@ -251,17 +255,17 @@ def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Pat
     swaps: list[tuple[list[str], list[str]]] = []
     live = LiveCatalog(settings, Catalog.load(settings),
                        on_swap=lambda added, retired: swaps.append(([e.key for e in added], [e.key for e in retired])))
-    spec = live.current.get(None).manifest.preprocessing
+    spec = live.current.pick(None).manifest.preprocessing
     tensor = np.zeros((spec.channels, *spec.input_size), np.float32)
 
     async def scenario() -> None:
-        old = live.current.get(None)
+        old = live.current.pick(None)
         with live.lease(None) as held:
             await held.infer(tensor)  # starts the old engine's batching task
             repo.promote(NAME, v2)
             catalog, changes = await live.reload()
             assert [c.__dict__ for c in changes] == [{"name": NAME, "old": 1, "new": v2}]
-            assert live.current is catalog and list(catalog.engines) == [f"{NAME}:{v2}"]
+            assert live.current is catalog and list(catalog.models) == [f"{NAME}:{v2}"]
             assert swaps[-1] == ([f"{NAME}:{v2}"], [f"{NAME}:1"])
             assert not held.closed  # the request in flight keeps its engine
             await held.infer(tensor)
@@ -281,14 +285,15 @@ def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Pat
         before = live.current
         with pytest.raises(ReloadRefusedError, match="sha256"):
             await live.reload()
-        assert live.current is before and not before.get(None).closed
+        assert live.current is before and not before.pick(None).closed
 
     asyncio.run(scenario())
 
 
 def test_watcher_follows_promotions_and_does_not_retry_a_refused_version(imagenet_repo: Path, tmp_path: Path) -> None:
     """What converges the other workers: polling the aliases, reloading once per change."""
-    from service.http.catalog import Catalog, LiveCatalog
+    from service.http.catalog import Catalog
+    from service.http.live import LiveCatalog
     from service.settings import Settings, usable_cores
 
     repo = copy_repo(imagenet_repo, tmp_path / "models")
@@ -317,7 +322,7 @@ def test_watcher_follows_promotions_and_does_not_retry_a_refused_version(imagene
         live.start_watching(settings.watch_seconds)
         try:
             repo.promote(NAME, v2)
-            await until(lambda: list(live.current.engines) == [f"{NAME}:{v2}"])
+            await until(lambda: list(live.current.models) == [f"{NAME}:{v2}"])
             bad = add_copy(repo)
             repo.promote(NAME, bad)
             corrupt(repo, bad)
@@ -325,10 +330,10 @@ def test_watcher_follows_promotions_and_does_not_retry_a_refused_version(imagene
             await until(lambda: attempts > before)
             await asyncio.sleep(0.5)  # ten more polls
             assert attempts == before + 1  # refused once, not retried while the aliases stay the same
-            assert list(live.current.engines) == [f"{NAME}:{v2}"]
+            assert list(live.current.models) == [f"{NAME}:{v2}"]
             repo.rollback(NAME)  # production back to v2: nothing to do
             repo.promote(NAME, 1)
-            await until(lambda: list(live.current.engines) == [f"{NAME}:1"])
+            await until(lambda: list(live.current.models) == [f"{NAME}:1"])
         finally:
             await live.stop_watching()
 

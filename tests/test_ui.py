@@ -70,7 +70,7 @@ def server(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     add_model(repo, COPY)
     add_model(repo, XSS_MODEL, XSS + " ")
     with serve(repo, root / "home", IMGCLF_WORKERS="1", IMGCLF_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
-               IMGCLF_MAX_RECEIVING="1", IMGCLF_MIN_UPLOAD_RATE="0") as live:
+               IMGCLF_MAX_RECEIVING="1", IMGCLF_MIN_UPLOAD_RATE="0", IMGCLF_DEFAULT_MODEL=NAME) as live:
         yield live
 
 
@@ -132,8 +132,9 @@ def test_page_and_assets_carry_a_strict_policy(server: LiveServer) -> None:
 
 
 def test_the_route_answers_only_its_own_paths() -> None:
-    """UiRoute in isolation: other paths (``/uix``, ``/models``) go on to the app; HEAD has no body."""
-    from service.http.ui import CSP, UiRoute
+    """UiRoute's row of the route table: other paths (``/uix``, ``/models``) go on to the app; HEAD has no body."""
+    from service.http.routes import Endpoint, mount
+    from service.http.ui import CSP, PREFIX, UiRoute
 
     async def app(scope: dict, receive: object, send: object) -> None:
         passed.append(scope["path"])
@@ -144,7 +145,8 @@ def test_the_route_answers_only_its_own_paths() -> None:
         async def send(message: dict) -> None:
             sent.append(message)
 
-        await UiRoute(app)({"type": "http", "method": method, "path": path}, None, send)
+        routed = mount([Endpoint(PREFIX, UiRoute(), prefix=True)], app)
+        await routed({"type": "http", "method": method, "path": path}, None, send)
         return sent
 
     passed: list[str] = []

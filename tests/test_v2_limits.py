@@ -26,12 +26,13 @@ import tritonclient.grpc as grpcclient
 from imgclf.devserver import free_port
 from service.http.admission import Admission, LoadEstimate
 from service.http.body import BodyReader, UploadPace
-from service.http.catalog import LiveCatalog
+from service.http.errors import ErrorResponses
+from service.http.live import LiveCatalog
 from service.http.v2.grpc_server import GrpcFront
 from service.http.v2.openapi import extend_spec, v2_paths
 from service.http.v2.proto import grpc_predict_v2_pb2 as pb
 from service.http.v2.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.http.v2.route import V2Routes, match
+from service.http.v2.route import V2App, match
 from service.http.v2.serving import V2Service
 from service.settings import Settings
 from tests.support import ROOT
@@ -47,8 +48,8 @@ def full_service(max_queue: int = 2) -> tuple[V2Service, list[str]]:
     for _ in range(max_queue):
         load.started()
     counted: list[str] = []
-    admission = Admission(None, routes=(), max_queue=max_queue, latency_budget_ms=1000, estimate=load)
-    return V2Service(LiveCatalog(settings), settings, admission, on_error=counted.append), counted
+    admission = Admission(max_queue=max_queue, latency_budget_ms=1000, estimate=load)
+    return V2Service(LiveCatalog(settings), settings, admission), counted
 
 
 async def call_asgi(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
@@ -73,7 +74,7 @@ async def _never(scope: Any, receive: Any, send: Any) -> None:
 
 def test_a_full_worker_refuses_rest_inference_with_retry_after() -> None:
     service, counted = full_service()
-    routes = V2Routes(_never, service, BodyReader(UploadPace(), 8), max_body=1 << 20)
+    routes = ErrorResponses(V2App(service, BodyReader(UploadPace(), 8), max_body=1 << 20), count=counted.append)
     status, headers, body = asyncio.run(call_asgi(routes, "POST", f"/v2/models/{NAME}/infer", b'{"inputs": []}'))
     assert status == 503 and int(headers["retry-after"]) >= 1, body
     assert json.loads(body).keys() == {"error"} and "2 requests already in flight" in json.loads(body)["error"]
@@ -87,7 +88,7 @@ def test_a_full_worker_refuses_grpc_inference_with_a_retry_after_trailer() -> No
 
     async def run() -> grpc.aio.AioRpcError:
         port = free_port()
-        front = GrpcFront(service, "127.0.0.1", port, 1 << 20, 16, 30.0)
+        front = GrpcFront(service, "127.0.0.1", port, 1 << 20, 16, 30.0, on_error=counted.append)
         await front.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -115,15 +116,20 @@ def test_the_app_gives_v2_the_objects_classify_uses() -> None:
     """One body reader, one load estimate, the same queue limit and budget, per worker."""
     check = (
         "import service.http.app as a\n"
-        "from service.http.v2.route import V2Routes\n"
-        "mw = dict((cls.__name__, o) for cls, o in a.Classifier.middlewares)\n"
-        "assert mw['V2Routes']['bodies'] is a.bodies and mw['RequestGuard']['bodies'] is a.bodies\n"
-        "assert a.v2.admission.load is a.load and mw['Admission']['estimate'] is a.load\n"
-        "assert a.v2.admission.max_queue == mw['Admission']['max_queue'] == a.settings.max_queue\n"
-        "assert a.v2.admission.budget_s * 1000 == mw['Admission']['latency_budget_ms']\n"
-        "assert a.grpc_front.service is a.v2 and a.v2.live is a.live\n"
-        "names = [cls.__name__ for cls, _ in a.Classifier.middlewares]\n"
-        "assert names.index('V2Routes') < names.index('RequestGuard')  # V2 answers its own error shape\n"
+        "from service.http.admission import AdmissionControl\n"
+        "from service.http.guard import RequestGuard\n"
+        "from service.http.routes import table\n"
+        "w = a.edge().worker\n"
+        "stack, layers = a.edge().asgi(lambda *_: None).edge, {}\n"
+        "while hasattr(stack, 'app'):\n"
+        "    layers[type(stack).__name__], stack = stack, stack.app\n"
+        "v2 = next(e.handler for e in table(w, None) if e.path == '/v2')\n"
+        "assert v2.bodies is w.bodies and layers['RequestGuard'].bodies is w.bodies\n"
+        "assert w.v2.admission is w.admission and layers['AdmissionControl'].admission is w.admission\n"
+        "assert w.v2.admission.max_queue == w.admission.max_queue == a.settings.max_queue\n"
+        "assert w.v2.admission.budget_s * 1000 == a.settings.latency_budget_ms\n"
+        "assert w.grpc.service is w.v2 and w.v2.live is w.live\n"
+        "assert '/v2' not in layers['RequestGuard'].routes  # V2 reads its own body, answers its own error shape\n"
     )
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             check=False)

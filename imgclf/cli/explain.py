@@ -47,7 +47,7 @@ def explain(
     repo: RepoOpt = None,
 ) -> None:
     """Where the model saw a class: a colour-mapped heatmap over the model's input crop, as PNG."""
-    from service.explain import ExplainError
+    from service.cam import ExplainError
 
     data = _image(image)
     if out.suffix.lower() != ".png":

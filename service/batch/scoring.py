@@ -2,8 +2,8 @@
 
 The same :class:`Scorer` runs in the local worker processes and in the Ray
 actors, and it walks the same path as the HTTP service: ``image_to_tensor``
-with the model's own preprocessing spec, then the engine's calibrated
-probabilities and top-k.
+with the model's own preprocessing spec, then ``service.answer.answer``
+(calibrated scores, top-k, the verdict) on each row of a batch's logits.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from functools import partial
 
 import numpy as np
 
+from service.answer import answer
 from service.batch.inputs import read_input
 from service.batch.rows import Item, Row, error_row
 from service.manifest import Manifest
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
-from service.runtime import Device, OnnxModel, top_k
-from service.selective import judge
+from service.runtime import Device, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,10 @@ __all__ = ["Item", "Row", "Scorer", "error_row"]  # Row and Item live in rows.py
 
 
 class Scorer:
-    """An engine and the settings to score batches of files with it."""
+    """A model and the settings to score batches of files with it."""
 
-    def __init__(self, engine: OnnxModel, *, top_k: int, batch_size: int, limits: DecodeLimits) -> None:
-        self.engine, self.top_k, self.batch_size, self.limits = engine, top_k, batch_size, limits
+    def __init__(self, model: OnnxModel, *, top_k: int, batch_size: int, limits: DecodeLimits) -> None:
+        self.model, self.top_k, self.batch_size, self.limits = model, top_k, batch_size, limits
 
     @classmethod
     def create(
@@ -39,8 +39,8 @@ class Scorer:
         limits: DecodeLimits, device: Device = "cpu", threads: int = 1,
     ) -> Scorer:
         """A scorer with a session of its own (one per worker)."""
-        engine = OnnxModel.load(model, manifest, device, threads)
-        return cls(engine, top_k=top_k, batch_size=batch_size, limits=limits)
+        onnx_model = OnnxModel.load(model, manifest, device, threads)
+        return cls(onnx_model, top_k=top_k, batch_size=batch_size, limits=limits)
 
     def score(self, items: Sequence[Item]) -> list[Row]:
         """Rows for files, in their order."""
@@ -58,7 +58,7 @@ class Scorer:
         for index, name, read in sources:
             names.append((index, name))
             try:
-                window.append(image_to_tensor(read(), self.engine.manifest.preprocessing, self.limits))
+                window.append(image_to_tensor(read(), self.model.manifest.preprocessing, self.limits))
                 tensors += 1
             except ImageInputError as exc:
                 window.append(error_row(index, name, exc.kind, str(exc)))
@@ -74,13 +74,12 @@ class Scorer:
 
     def _resolve(self, window: list[Row | np.ndarray], names: list[tuple[int, str]]) -> Iterator[Row]:
         batch = [t for t in window if isinstance(t, np.ndarray)]
-        probs = iter(self.engine.probabilities(np.stack(batch)) if batch else [])
-        labels = self.engine.manifest.labels
+        logits = iter(self.model.logits(np.stack(batch)) if batch else [])
         for entry, (index, name) in zip(window, names, strict=True):
             if isinstance(entry, Row):
                 yield entry
                 continue
-            best = top_k(next(probs), labels, self.top_k)
-            confident = judge(best[0].score, self.engine.manifest.selective).confident
+            result = answer(next(logits), self.model.manifest, self.top_k)
+            best = result.predictions
             yield Row(index, name, "ok", tuple(b.label for b in best), tuple(b.score for b in best),
-                      confident=confident)
+                      confident=result.verdict.confident)

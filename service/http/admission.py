@@ -20,26 +20,27 @@ Here, per worker and only for the inference routes:
 - a worker with nothing in flight always admits, so a stale or inflated
   estimate can never lock the service out.
 
-A refusal is decided from the request line alone, before the body is read
-(uvicorn discards the unread body and keeps the connection), and answers the
-``{"error", "kind": "overloaded", "status": 503}`` object with ``Retry-After``
-set to the estimated time to drain what is in flight (at least 1 s). Health,
-metrics, admin and every other route pass straight through.
+A refusal is decided from the load alone, once the request guard has read the
+body (so trickling uploads cannot hold admission's slots; the Open Inference
+Protocol decides before reading), and is the ``{"error", "kind": "overloaded",
+"status": 503}`` object with ``Retry-After`` set to the estimated time to drain
+what is in flight (at least 1 s). Health, metrics, admin and every other route
+pass straight through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
-from service.http.errors import ASGIApp, Receive, Scope, Send, refuse
+from service.http.errors import ASGIApp, Overloaded, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-OVERLOADED = "overloaded"
 MIN_SAMPLES = 8  # completions before the latency estimate is trusted
 MAX_RETRY_AFTER_S = 30
 
@@ -85,17 +86,15 @@ class LoadEstimate:
 
 
 class Admission:
-    """ASGI middleware: admits POSTs to ``routes`` within the limits, answers 503 + Retry-After otherwise."""
+    """Admits requests within the limits or raises :class:`~service.http.errors.Overloaded` (503 + Retry-After).
 
-    def __init__(
-        self, app: ASGIApp, routes: Iterable[str], max_queue: int, latency_budget_ms: float,
-        on_error: Callable[[str], None] | None = None, estimate: LoadEstimate | None = None,
-    ) -> None:
-        self.app = app
-        self.routes = frozenset(routes)
+    One per worker, shared by the multipart routes (through :class:`AdmissionControl`) and the Open
+    Inference Protocol (``service.http.v2``), so both count in the same load.
+    """
+
+    def __init__(self, max_queue: int, latency_budget_ms: float, estimate: LoadEstimate | None = None) -> None:
         self.max_queue = max_queue
         self.budget_s = latency_budget_ms / 1000
-        self.on_error = on_error  # told "overloaded" for every refusal, for metrics
         self.load = estimate or LoadEstimate()
         self.refused = 0
 
@@ -115,21 +114,45 @@ class Admission:
         drain = (predicted or 0.0) - (self.load.service_s or 0.0)  # time for those ahead to finish
         return why, min(MAX_RETRY_AFTER_S, max(1, math.ceil(drain)))
 
+    def check(self) -> None:
+        """Raise Overloaded when a request arriving now must be refused (nothing is counted in)."""
+        refused = self.refusal()
+        if refused is None:
+            return
+        why, retry_after = refused
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:  # logged, but not once per request in a flood
+            log.warning("overloaded, refusing (%d so far): %s", self.refused, why)
+        raise Overloaded(f"server overloaded: {why}; retry after {retry_after} s", retry_after)
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count an admitted request in the worker's load for its duration."""
+        self.load.started()
+        try:
+            yield
+        finally:
+            self.load.finished()
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """:meth:`check`, then :meth:`counted`."""
+        self.check()
+        with self.counted():
+            yield
+
+
+class AdmissionControl:
+    """ASGI middleware: admits POSTs to ``routes`` through ``admission``; everything else passes."""
+
+    def __init__(self, app: ASGIApp, admission: Admission, routes: Iterable[str]) -> None:
+        self.app = app
+        self.admission = admission
+        self.routes = frozenset(routes)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.routes:
             await self.app(scope, receive, send)
             return
-        refused = self.refusal()
-        if refused is not None:
-            why, retry_after = refused
-            self.refused += 1
-            if self.refused == 1 or self.refused % 1000 == 0:  # logged, but not once per request in a flood
-                log.warning("overloaded, refusing (%d so far): %s", self.refused, why)
-            await refuse(send, self.on_error, 503, OVERLOADED, f"server overloaded: {why}; retry after {retry_after} s",
-                         [(b"retry-after", str(retry_after).encode())])
-            return
-        self.load.started()
-        try:
+        with self.admission.admitted():
             await self.app(scope, receive, send)
-        finally:
-            self.load.finished()

@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 from service.atomic import atomic_write_text, pid_alive
 from service.batch.archive import ArchiveLimits
-from service.http.catalog import LiveCatalog
+from service.http.bento import fail_tasks
 from service.http.classify import form_options
-from service.http.errors import ClientError, select_model
+from service.http.errors import Overloaded
+from service.http.live import LiveCatalog
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,12 @@ class JobSlots:
         self.cap = cap
         self.taken = 0
 
-    def take(self) -> tuple[int, str, str, list[tuple[bytes, bytes]]] | None:
+    def take(self) -> None:
+        """A slot for a job about to be queued, or Overloaded (503, Retry-After: 5)."""
         if self.taken >= self.cap:
-            return (503, "overloaded", (f"{self.taken} batch jobs already queued or running on this worker "
-                    f"(limit {self.cap}); retry after 5 s"), [(b"retry-after", b"5")])
+            raise Overloaded(f"{self.taken} batch jobs already queued or running on this worker "
+                             f"(limit {self.cap}); retry after 5 s", 5)
         self.taken += 1
-        return None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -88,10 +88,7 @@ class JobClaims:
                 continue
             orphans.append(path.stem)
             path.unlink(missing_ok=True)
-        if orphans and self.store.exists():
-            with contextlib.closing(sqlite3.connect(self.store, timeout=30)) as db, db:
-                db.executemany("UPDATE result SET status = 'failed', completed_at = CURRENT_TIMESTAMP "
-                               "WHERE task_id = ? AND status = 'in_progress'", [(o,) for o in orphans])
+        if fail_tasks(self.store, orphans):
             log.warning("marked %d batch job(s) failed: their worker died while running them: %s",
                         len(orphans), orphans)
         return orphans
@@ -105,13 +102,11 @@ class JobFields:
         self.live = live
         self.slots = slots
 
-    def __call__(self, fields: dict[str, str]) -> tuple | None:
-        try:  # the same answers /classify gives, from the same checks
-            top_k, model = form_options(fields)
-            select_model(self.live.current, model, top_k)
-        except ClientError as exc:
-            return exc.status, exc.kind, exc.message
-        return self.slots.take()
+    def __call__(self, fields: dict[str, str]) -> None:
+        """ServiceError for the client's mistake, the same answers /classify gives from the same checks."""
+        top_k, model = form_options(fields)
+        self.live.current.select(model, top_k)
+        self.slots.take()
 
 
 def archive_limits(settings: Settings) -> ArchiveLimits:

@@ -22,9 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.http.errors import Receive, Scope, Send, refuse, respond
+from service.http.errors import CLOSE, ClientGone, Overloaded, Receive, Scope, ServiceError
 
-CLOSE = [(b"connection", b"close")]
 PROBATION_S = 1.0  # an upload younger than this keeps its place: a normal one is done by then
 
 
@@ -42,14 +41,13 @@ class _Upload:
 
 
 class BodyReader:
-    """One per worker (the guard's): reads bodies within the limits above, or answers the refusal itself."""
+    """One per worker, shared by every front door: reads bodies within the limits above, or raises the
+    refusal as a :class:`~service.http.errors.ServiceError`."""
 
-    def __init__(self, pace: UploadPace, max_receiving: int, on_error: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic,
+    def __init__(self, pace: UploadPace, max_receiving: int, clock: Callable[[], float] = time.monotonic,
                  on_receiving: Callable[[int], None] | None = None) -> None:
         self.pace = pace
         self.max_receiving = max_receiving
-        self.on_error = on_error
         self.on_receiving = on_receiving  # told the number of bodies in progress whenever it changes (a gauge)
         self._clock = clock
         self._uploads: set[_Upload] = set()
@@ -58,23 +56,21 @@ class BodyReader:
     def receiving(self) -> int:
         return len(self._uploads)
 
-    async def read(self, scope: Scope, receive: Receive, send: Send, max_body: int) -> bytes | None:
-        """The whole body, or None when it was refused (the answer is sent) or the client went away."""
-        too_big = f"request body is larger than {max_body} bytes"
+    async def read(self, scope: Scope, receive: Receive, max_body: int) -> bytes:
+        """The whole body; raises ServiceError 413, 408 or 503 (or ClientGone) instead."""
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
-            await refuse(send, self.on_error, 413, "request_too_large", too_big, CLOSE)
-            return None
+            raise _too_big(max_body)
         if len(self._uploads) >= self.max_receiving and not self._evict_slowest():
-            await refuse(send, self.on_error, 503, "overloaded",
-                         f"server busy: {len(self._uploads)} uploads already in progress on this worker "
-                         f"(limit {self.max_receiving}); retry after 1 s", [(b"retry-after", b"1"), *CLOSE])
-            return None
+            busy = Overloaded(f"server busy: {len(self._uploads)} uploads already in progress on this worker "
+                              f"(limit {self.max_receiving}); retry after 1 s", 1)
+            busy.headers += CLOSE
+            raise busy
         upload = _Upload(self._clock())
         self._uploads.add(upload)
         self._counted()
         try:
-            return await self._receive(upload, receive, send, max_body, too_big)
+            return await self._receive(upload, receive, max_body)
         finally:
             self._uploads.discard(upload)
             self._counted()
@@ -121,8 +117,7 @@ class BodyReader:
         message.cancel()
         return None
 
-    async def _receive(self, upload: _Upload, receive: Receive, send: Send, max_body: int,
-                       too_big: str) -> bytes | None:
+    async def _receive(self, upload: _Upload, receive: Receive, max_body: int) -> bytes:
         chunks: list[bytes] = []
         while True:
             message = await self._next(upload, receive)
@@ -130,22 +125,18 @@ class BodyReader:
                 elapsed = self._clock() - upload.started
                 why = "the server needed its place for a faster upload" if upload.evicted.is_set() else (
                     f"after the first {self.pace.grace_s:g} s a body must arrive at {self.pace.min_rate:g} bytes/s")
-                await refuse(send, self.on_error, 408, "timeout",
-                             f"upload too slow: {upload.received} bytes in {elapsed:.1f} s; {why}", CLOSE)
-                return None
+                raise ServiceError(408, "timeout", f"upload too slow: {upload.received} bytes in {elapsed:.1f} s; "
+                                   f"{why}", CLOSE)
             if message["type"] == "http.disconnect":
-                # Nobody reads this answer (the server drops it), but BentoML's TimeoutMiddleware waits
-                # for a first send: without one, a vanished upload held its request open for the whole
-                # traffic timeout and delayed the worker's graceful shutdown by as much. Not counted:
-                # the client made no mistake we could tell it about.
-                await respond(send, 400, "client_disconnected",
-                              f"the client closed the connection after {upload.received} bytes of the body", CLOSE)
-                return None
+                raise ClientGone(upload.received)
             chunk = message.get("body", b"")
             upload.received += len(chunk)
             if upload.received > max_body:
-                await refuse(send, self.on_error, 413, "request_too_large", too_big, CLOSE)
-                return None
+                raise _too_big(max_body)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _too_big(max_body: int) -> ServiceError:
+    return ServiceError(413, "request_too_large", f"request body is larger than {max_body} bytes", CLOSE)

@@ -4,23 +4,22 @@ Hot reload keeps a worker serving while versions change underneath it:
 
 - A :class:`Catalog` is never changed after it is built. A reload builds a new
   one beside it (changed versions loaded, verified and warmed up; unchanged
-  ones carried over) and :class:`LiveCatalog` swaps it in with one assignment.
-- Each request picks its engine once and holds a lease on it, so requests in
-  flight finish on the version they started with; replaced engines are retired
-  and release their session when their last lease ends.
+  ones carried over) and :class:`~service.http.live.LiveCatalog` swaps it in
+  with one assignment.
+- Each request picks its model once (:meth:`Catalog.pick`, the one rule every
+  protocol uses) and holds a lease on it, so requests in flight finish on the
+  version they started with; replaced models are retired and release their
+  session when their last lease ends.
 - A version that fails to resolve, load or verify refuses the whole reload:
   the old catalog keeps serving, untouched.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from service.http.errors import ServiceError
 from service.http.served import BatchHook, ServedModel
 from service.repository import PRODUCTION, ModelRef, ModelRepository
 from service.runtime import OnnxModel, check_device
@@ -29,8 +28,22 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class UnknownModelError(LookupError):
-    """The request names a model this service does not serve (a 404)."""
+class UnknownModelError(ServiceError):
+    """404: the request names a model (or version) this service does not serve; says what is served."""
+
+    def __init__(self, requested: str, catalog: Catalog) -> None:
+        super().__init__(404, "unknown_model",
+                         f"model {requested!r} is not served here; available: {sorted(catalog.models)}")
+        self.requested = requested
+
+
+class ModelRequiredError(ServiceError):
+    """400: several models are served, none is the default, and the request named none."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(400, "model_required",
+                         f"this server serves several models and none is the default: name one with `model` "
+                         f"(one of {names}), or set IMGCLF_DEFAULT_MODEL")
 
 
 class ReloadRefusedError(RuntimeError):
@@ -76,27 +89,55 @@ def plan(settings: Settings, repo: ModelRepository) -> tuple[list[Target], list[
     return targets, skipped
 
 
-def _load_engine(repo: ModelRepository, target: Target, settings: Settings, on_batch: BatchHook | None) -> ServedModel:
+def _load(repo: ModelRepository, target: Target, settings: Settings, on_batch: BatchHook | None) -> ServedModel:
     """Verified (schema, sha256 of every file) and warmed up, ready to take traffic."""
     version = repo.get(target.name, target.version)
     model = OnnxModel.load(version.model_path, version.manifest, settings.device, settings.threads_per_session)
-    engine = ServedModel(model, settings.max_batch_size, settings.batch_wait_ms, on_batch)
+    served = ServedModel(model, settings.max_batch_size, settings.batch_wait_ms, on_batch)
     try:
-        engine.warm_up()
+        served.warm_up()
     except BaseException:
-        engine.close()
+        served.close()
         raise
-    log.info("loaded %s on %s (in %.2fs)", engine.key, engine.provider, engine.load_seconds)
-    return engine
+    log.info("loaded %s on %s (in %.2fs)", served.key, served.provider, served.load_seconds)
+    return served
+
+
+def default_name(settings: Settings, names: list[str]) -> str | None:
+    """The model a request without ``model`` gets: IMGCLF_DEFAULT_MODEL, else the only one served.
+
+    Never "the first one": with several models served and no setting there is no default (a 400 that
+    lists them), so promoting a second model cannot silently change what unnamed requests get.
+    """
+    if settings.default_model is not None:
+        if settings.default_model not in names:
+            raise RuntimeError(f"IMGCLF_DEFAULT_MODEL={settings.default_model} is not served here; served: {names}")
+        return settings.default_model
+    return names[0] if len(names) == 1 else None
 
 
 @dataclass(frozen=True)
 class Catalog:
-    engines: dict[str, ServedModel]  # "name:version" -> model; never mutated after construction
-    default: str  # key of the default engine: the first one, as at startup
-    following: dict[str, int] = field(default_factory=dict)  # unpinned name -> version its production was
+    models: dict[str, ServedModel]  # "name:version" -> model; never mutated after construction
+    default: str | None  # the model name a request without ``model`` gets (see default_name)
+    production: dict[str, int] = field(default_factory=dict)  # unpinned name -> its production version
     on_batch: BatchHook | None = field(default=None, repr=False)  # given to every model loaded (metrics)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it could not be loaded
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({m.manifest.name for m in self.models.values()})
+
+    @property
+    def not_ready(self) -> str | None:
+        """Why this worker is not ready (None: ready), as /readyz and V2's health answer it."""
+        if not self.failed:
+            return None
+        return "not ready: could not load " + "; ".join(f"{key}: {why}" for key, why in self.failed.items())
+
+    def versions(self, name: str) -> list[int]:
+        """The versions of ``name`` served here (several when IMGCLF_MODELS pins them)."""
+        return sorted(m.manifest.version for m in self.models.values() if m.manifest.name == name)
 
     @classmethod
     def load(cls, settings: Settings, on_batch: BatchHook | None = None) -> Catalog:
@@ -115,33 +156,52 @@ class Catalog:
         if not targets:
             raise RuntimeError(f"no model in {repo.root} has a production version; promote one")
         check_device(settings.device)  # a device that cannot work stops the worker: it is no one model's fault
-        engines: dict[str, ServedModel] = {}
+        models: dict[str, ServedModel] = {}
         failed: dict[str, str] = {}
         for target in targets:
-            if target.key in engines or target.key in failed:
+            if target.key in models or target.key in failed:
                 continue
             try:
-                engines[target.key] = _load_engine(repo, target, settings, on_batch)
+                models[target.key] = _load(repo, target, settings, on_batch)
             except Exception as exc:  # noqa: BLE001 - one bad version must not take the others down
                 failed[target.key] = f"{type(exc).__name__}: {exc}"
                 log.error("NOT serving %s: it failed to load: %s", target.key, exc)
-        following = {t.name: t.version for t in targets if not t.pinned and t.key in engines}
-        return cls(engines, next(iter(engines), ""), following, on_batch, failed)
+        production = {t.name: t.version for t in targets if not t.pinned and t.key in models}
+        names = sorted({m.manifest.name for m in models.values()})
+        return cls(models, default_name(settings, names) if names else None, production, on_batch, failed)
 
-    def get(self, requested: str | None) -> ServedModel:
-        """``None`` -> the default; ``name`` -> that model; ``name:version`` -> exactly that version.
+    def pick(self, name: str | None, version: int | None = None) -> ServedModel:
+        """The one rule every protocol uses. ``name`` None: the default model. ``version`` None: the
+        model's production version (or the one version served, when IMGCLF_MODELS pins it).
 
-        Raises ValueError for a malformed reference, UnknownModelError for one not served here.
+        Raises UnknownModelError (404) or ModelRequiredError (400).
         """
-        if not self.engines:
-            raise UnknownModelError(f"no model is served: {'; '.join(f'{k}: {v}' for k, v in self.failed.items())}")
-        if requested is None or requested == "":
-            return self.engines[self.default]
-        ref = ModelRef.parse(requested)  # ValueError: not a valid name (a 400, not a 404)
-        for engine in self.engines.values():
-            if engine.manifest.name == ref.name and (ref.version is None or engine.manifest.version == ref.version):
-                return engine
-        raise UnknownModelError(f"model {str(ref)!r} is not served here; available: {sorted(self.engines)}")
+        if not self.models:
+            raise ServiceError(404, "unknown_model",
+                               f"no model is served: {'; '.join(f'{k}: {v}' for k, v in self.failed.items())}")
+        if not name:
+            if self.default is None:
+                raise ModelRequiredError(self.names)
+            name = self.default
+        wanted = version if version is not None else self.production.get(name) or next(iter(self.versions(name)), 0)
+        served = self.models.get(f"{name}:{wanted}")
+        if served is None:
+            raise UnknownModelError(name if version is None else f"{name}:{version}", self)
+        return served
+
+    def select(self, requested: str | None, top_k: int | None = None) -> ServedModel:
+        """The model a multipart request's ``model`` field names (``NAME`` or ``NAME:VERSION``), with
+        ``top_k`` checked against its labels: ServiceError 404 unknown_model, 400 invalid_model,
+        400 model_required or 400 invalid_top_k."""
+        try:
+            ref = ModelRef.parse(requested) if requested else None
+        except ValueError as exc:  # not a valid name: a 400, not a 404
+            raise ServiceError(400, "invalid_model", str(exc)) from exc
+        served = self.pick(ref.name, ref.version) if ref is not None else self.pick(None)
+        labels = len(served.manifest.labels)
+        if top_k is not None and not 1 <= top_k <= labels:
+            raise ServiceError(400, "invalid_top_k", f"top_k must be between 1 and {labels}, got {top_k}")
+        return served
 
     def wanted(self, settings: Settings) -> list[str]:
         """The keys a reload would serve now (cheap; see :func:`plan`)."""
@@ -151,7 +211,7 @@ class Catalog:
     def reloaded(self, settings: Settings) -> tuple[Catalog, list[Change]]:
         """A new catalog for the repository's current aliases, built beside this one (blocking: run it off the loop).
 
-        Engines whose version did not change are carried over; the others are loaded with the
+        Models whose version did not change are carried over; the others are loaded with the
         repository's verification and warmed up. Any failure closes what was loaded and raises
         ReloadRefusedError: a reload is all or nothing, and never stops serving a model.
         """
@@ -160,127 +220,28 @@ class Catalog:
             targets, _ = plan(settings, repo)
         except Exception as exc:  # a broken alias file or a vanished model refuses the reload
             raise ReloadRefusedError(f"cannot resolve the models to serve: {exc}") from exc
-        gone = sorted(set(self.following) - {t.name for t in targets if not t.pinned})
+        gone = sorted(set(self.production) - {t.name for t in targets if not t.pinned})
         if gone:
             raise ReloadRefusedError(f"{', '.join(gone)}: no production version any more; "
                                      "a reload never stops serving a model (restart to remove one)")
-        engines: dict[str, ServedModel] = {}
+        models: dict[str, ServedModel] = {}
         fresh: list[ServedModel] = []
         for target in targets:
-            if target.key in engines:
+            if target.key in models:
                 continue
-            if target.key in self.engines:
-                engines[target.key] = self.engines[target.key]
+            if target.key in self.models:
+                models[target.key] = self.models[target.key]
                 continue
             try:
-                engine = _load_engine(repo, target, settings, self.on_batch)
+                served = _load(repo, target, settings, self.on_batch)
             except Exception as exc:  # verification, ONNX Runtime or I/O: refuse, keep the old
                 for loaded in fresh:
                     loaded.close()
                 raise ReloadRefusedError(f"{target.key} refused: {exc}") from exc
-            fresh.append(engine)
-            engines[target.key] = engine
-        following = {t.name: t.version for t in targets if not t.pinned}
-        changes = [Change(name, self.following.get(name), version)
-                   for name, version in following.items() if self.following.get(name) != version]
-        return Catalog(engines, next(iter(engines)), following, self.on_batch), changes
-
-
-SwapHook = Callable[[list[ServedModel], list[ServedModel]], None]  # (added, retired), e.g. for metrics
-
-
-class LiveCatalog:
-    """The catalog one worker serves now, and the one place it changes.
-
-    Everything here runs on the worker's event loop, like the requests: picking an
-    engine and taking its lease happen with no await between, and the swap plus
-    the retirement of replaced engines is one synchronous step, so no request can
-    lease an engine that is already retired.
-
-    With several workers a reload request reaches only one of them; the others
-    converge through :meth:`watch`, which every worker runs when polling is on
-    (see ``Settings.watch_seconds``).
-    """
-
-    def __init__(self, settings: Settings, catalog: Catalog | None = None, on_swap: SwapHook | None = None) -> None:
-        self.settings = settings
-        self._current = catalog
-        self.on_swap = on_swap
-        self._lock = asyncio.Lock()  # one reload at a time per worker
-        self._refused: list[str] | None = None  # what the watcher last failed on: not retried until it changes
-        self._watcher: asyncio.Task[None] | None = None
-
-    @property
-    def current(self) -> Catalog:
-        """What this worker serves now; a reload replaces it whole (read it once per request)."""
-        if self._current is None:
-            raise RuntimeError("the worker has not loaded its models yet")
-        return self._current
-
-    @current.setter
-    def current(self, catalog: Catalog) -> None:
-        self._current = catalog
-
-    def serve(self, catalog: Catalog) -> None:
-        """Start serving ``catalog`` (the worker's first load); middleware built before it see it from now on."""
-        self._current = catalog
-        if self.on_swap is not None:
-            self.on_swap(list(catalog.engines.values()), [])
-
-    def lease(self, requested: str | None) -> AbstractContextManager[ServedModel]:
-        """The engine for a request, held until the request ends (raises like ``Catalog.get``)."""
-        return self.current.get(requested).lease()
-
-    async def reload(self) -> tuple[Catalog, list[Change]]:
-        """Load what changed beside the old versions, then swap. Raises ReloadRefusedError.
-
-        Shielded: a client that hangs up mid-reload does not leave a half-loaded catalog behind.
-        """
-        return await asyncio.shield(asyncio.get_running_loop().create_task(self._reload()))
-
-    async def _reload(self) -> tuple[Catalog, list[Change]]:
-        async with self._lock:
-            old = self.current
-            new, changes = await asyncio.to_thread(old.reloaded, self.settings)
-            if new.engines.keys() == old.engines.keys() and new.default == old.default:
-                return old, changes
-            self.current = new  # the swap: new requests pick from here on
-            added = [e for k, e in new.engines.items() if k not in old.engines]
-            retired = [e for k, e in old.engines.items() if k not in new.engines]
-            for engine in retired:
-                engine.retire()  # now, or when its last request in flight ends
-            if self.on_swap is not None:
-                self.on_swap(added, retired)
-            log.info("reloaded: serving %s (was %s)", list(new.engines), list(old.engines))
-            return new, changes
-
-    async def watch(self, interval: float) -> None:
-        """Every ``interval`` seconds, reload when the repository's aliases name other versions than served."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                wanted = await asyncio.to_thread(self.current.wanted, self.settings)
-            except Exception as exc:  # noqa: BLE001 - a half-edited repository must not kill the watcher
-                log.warning("watch: cannot read the repository: %s", exc)
-                continue
-            if wanted == list(self.current.engines) or wanted == self._refused:
-                continue
-            try:
-                await self.reload()
-                self._refused = None
-            except ReloadRefusedError as exc:
-                self._refused = wanted
-                log.warning("watch: reload refused, still serving %s: %s", list(self.current.engines), exc)
-
-    def start_watching(self, interval: float) -> None:
-        """Run :meth:`watch` on the running loop (interval <= 0: do nothing)."""
-        if interval > 0 and self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self.watch(interval))
-            log.info("watching %s for new production versions every %.1fs", self.settings.model_repo, interval)
-
-    async def stop_watching(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+            fresh.append(served)
+            models[target.key] = served
+        production = {t.name: t.version for t in targets if not t.pinned}
+        changes = [Change(name, self.production.get(name), version)
+                   for name, version in production.items() if self.production.get(name) != version]
+        names = sorted({m.manifest.name for m in models.values()})
+        return Catalog(models, default_name(settings, names), production, self.on_batch), changes

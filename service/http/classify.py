@@ -1,10 +1,10 @@
-"""What happens to a classification request once its body is in: one parse, bytes in memory, answered here.
+"""``POST /classify`` and ``POST /classify_batch``: one parse, bytes in memory, answered here.
 
 The request guard has already read the body (limits, pace) and parsed the multipart form once,
-keeping each upload's bytes in memory (``scope[FORM]``); admission has counted the request. This
-route answers ``POST /classify`` and ``POST /classify_batch`` from those bytes, so BentoML neither
-parses the body a second time nor writes the upload to a temporary file. The BentoML APIs of the same
-names (``service.http.app``) stay the documented contract (OpenAPI) and call the same functions below.
+keeping each upload's bytes in memory (``scope[FORM]``); admission has counted the request. The
+handlers of :class:`ClassifyRoutes` answer from those bytes, so BentoML neither parses the body a
+second time nor writes the upload to a temporary file. The BentoML APIs of the same names
+(``service.http.app``) describe the routes in ``/docs.json`` and call the same functions below.
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from typing import Annotated, cast
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
+from service.answer import Answer
 from service.http import metrics
-from service.http.catalog import LiveCatalog
-from service.http.errors import ASGIApp, ClientError, Receive, Scope, Send, select_model
-from service.http.monitor import Answer, Monitor
+from service.http.errors import ServiceError, service_error
+from service.http.live import LiveCatalog
+from service.http.monitor import Monitor
 from service.http.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorOut, PredictionOut
 from service.http.served import ServedModel
-from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
+from service.preprocessing import DecodeLimits, image_to_tensor
 from service.selective import parse_min_score
 
 FORM = "imgclf.form"  # the scope key under which the guard leaves the parsed form
@@ -34,6 +37,11 @@ FORM = "imgclf.form"  # the scope key under which the guard leaves the parsed fo
 class ParsedForm:
     fields: dict[str, str]  # text fields (each at most once: the guard checked)
     files: list[bytes]  # the upload field's files, in order
+
+    @classmethod
+    def of(cls, request: Request) -> ParsedForm:
+        """The form the request guard parsed (every upload route is guarded: see ``service.http.routes``)."""
+        return request.scope[FORM]
 
 
 def _form_value(text: str | None) -> object:
@@ -60,23 +68,23 @@ _TOP_K, _MODEL = TypeAdapter(Annotated[int, BeforeValidator(_not_a_bool)]), Type
 def form_options(fields: dict[str, str]) -> tuple[int, str | None]:
     """``top_k`` (default 5) and ``model`` from text fields, validated as the BentoML APIs declare them.
 
-    Raises ClientError 400 ``invalid_request`` naming the field.
+    Raises ServiceError 400 ``invalid_request`` naming the field.
     """
     values: dict[str, object] = {}
     for name, adapter, default in (("top_k", _TOP_K, "5"), ("model", _MODEL, None)):
         try:
             values[name] = adapter.validate_python(_form_value(fields.get(name, default)))
         except ValidationError as exc:
-            raise ClientError(400, "invalid_request", f"{name}: {exc.errors()[0]['msg']}") from None
+            raise ServiceError(400, "invalid_request", f"{name}: {exc.errors()[0]['msg']}") from None
     return cast(int, values["top_k"]), cast("str | None", values["model"])
 
 
 def form_min_score(fields: dict[str, str]) -> float | None:
-    """``min_score`` (optional, 0 to 1): this request's threshold instead of the model's. ClientError 400."""
+    """``min_score`` (optional, 0 to 1): this request's threshold instead of the model's. ServiceError 400."""
     try:
         return parse_min_score(_form_value(fields.get("min_score")))
     except ValueError as exc:
-        raise ClientError(400, "invalid_request", str(exc)) from None
+        raise ServiceError(400, "invalid_request", str(exc)) from None
 
 
 def checked_min_score(value: float | None) -> float | None:
@@ -84,7 +92,7 @@ def checked_min_score(value: float | None) -> float | None:
     try:
         return parse_min_score(value)
     except ValueError as exc:
-        raise ClientError(400, "invalid_request", str(exc)) from None
+        raise ServiceError(400, "invalid_request", str(exc)) from None
 
 
 def trust_fields(answer: Answer) -> dict[str, object]:
@@ -93,24 +101,18 @@ def trust_fields(answer: Answer) -> dict[str, object]:
     return {"label": answer.label, "confident": v.confident, "threshold": v.threshold, "abstained": v.abstained}
 
 
+def predictions_of(answer: Answer, k: int) -> list[PredictionOut]:
+    return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in answer.predictions[:k]]
+
+
 async def tensor_for(data: bytes, served: ServedModel, limits: DecodeLimits) -> tuple[np.ndarray, float]:
-    """Decode and preprocess in one thread call; client mistakes become 4xx. Returns (tensor, ms)."""
+    """Decode and preprocess in one thread call, timed (ImageInputError for the client's mistakes).
+    Returns (tensor, ms)."""
     start = time.perf_counter()
-    try:
-        tensor = await asyncio.to_thread(image_to_tensor, data, served.manifest.preprocessing, limits)
-    except ImageInputError as exc:
-        raise ClientError(exc.status_code, exc.kind, str(exc)) from exc
+    tensor = await asyncio.to_thread(image_to_tensor, data, served.manifest.preprocessing, limits)
     seconds = time.perf_counter() - start
     metrics.PREPROCESS_SECONDS.labels(model=served.key).observe(seconds)
     return tensor, seconds * 1000
-
-
-def predictions(probs: np.ndarray, served: ServedModel, k: int) -> list[PredictionOut]:
-    return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in served.model.top_k(probs, k)]
-
-
-def predictions_of(answer: Answer) -> list[PredictionOut]:
-    return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in answer.predictions]
 
 
 async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top_k: int,
@@ -118,13 +120,12 @@ async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top
                        monitor: Monitor | None = None) -> ClassifyResponse:
     started = time.perf_counter()
     monitor = monitor or Monitor.quiet()
-    with select_model(live.current, model, top_k).lease() as served:  # no await between pick and lease
+    with live.current.select(model, top_k).lease() as served:  # no await between pick and lease
         tensor, prep_ms = await tensor_for(data, served, limits)
-        probs = await served.infer(tensor)
-        answer = monitor.answer(served, probs, top_k, min_score, data=data, route="/classify")
+        answer = monitor.answer(served, await served.infer(tensor), top_k, min_score, data=data, route="/classify")
         return ClassifyResponse(
             model=served.manifest.name, version=served.manifest.version, **trust_fields(answer),
-            predictions=predictions_of(answer),
+            predictions=predictions_of(answer, top_k),
             timing_ms={"preprocess": prep_ms, "total": (time.perf_counter() - started) * 1000},
         )
 
@@ -135,55 +136,44 @@ async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int
     """Several images; one bad image fails only its own entry."""
     started = time.perf_counter()
     monitor = monitor or Monitor.quiet()
-    with select_model(live.current, model, top_k).lease() as served:
+    with live.current.select(model, top_k).lease() as served:
         if len(images) > max_images:
-            raise ClientError(413, "too_many_images", f"at most {max_images} images per request")
+            raise ServiceError(413, "too_many_images", f"at most {max_images} images per request")
 
         async def one(index: int, data: bytes) -> BatchItem:
             try:
                 tensor, _ = await tensor_for(data, served, limits)
-            except ClientError as exc:
-                return BatchItem(index=index, error=ErrorOut(kind=exc.kind, message=exc.message, status=exc.status))
+            except Exception as exc:
+                error = service_error(exc)
+                if error is None:
+                    raise
+                return BatchItem(index=index, error=ErrorOut(kind=error.kind, message=error.message,
+                                                             status=error.status))
             answer = monitor.answer(served, await served.infer(tensor), top_k, min_score, data=data,
                                     route="/classify_batch")
-            return BatchItem(index=index, **trust_fields(answer), predictions=predictions_of(answer))
+            return BatchItem(index=index, **trust_fields(answer), predictions=predictions_of(answer, top_k))
 
         results = await asyncio.gather(*(one(i, d) for i, d in enumerate(images)))
         return BatchResponse(model=served.manifest.name, version=served.manifest.version, results=list(results),
                              timing_ms={"total": (time.perf_counter() - started) * 1000})
 
 
-class ClassifyRoute:
-    """ASGI middleware answering /classify and /classify_batch from the guard's parsed form."""
+class ClassifyRoutes:
+    """The handlers of ``POST /classify`` and ``POST /classify_batch`` (one worker's objects)."""
 
-    def __init__(self, app: ASGIApp, live: LiveCatalog, limits: DecodeLimits, max_images: int,
-                 monitor: Monitor | None = None) -> None:
-        self.app, self.live, self.limits, self.max_images = app, live, limits, max_images
-        self.monitor = monitor
+    def __init__(self, live: LiveCatalog, limits: DecodeLimits, max_images: int, monitor: Monitor) -> None:
+        self.live, self.limits, self.max_images, self.monitor = live, limits, max_images, monitor
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        form: ParsedForm | None = scope.get(FORM) if scope["type"] == "http" else None
-        path = scope.get("path")
-        if form is None or path not in ("/classify", "/classify_batch"):
-            await self.app(scope, receive, send)
-            return
-        try:
-            top_k, model = form_options(form.fields)
-            min_score = form_min_score(form.fields)
-            if path == "/classify":
-                answer: BaseModel = await classify_one(self.live, self.limits, form.files[0], top_k, model,
-                                                       min_score, self.monitor)
-            else:
-                answer = await classify_many(self.live, self.limits, self.max_images, form.files, top_k, model,
-                                             min_score, self.monitor)
-        except ClientError as exc:
-            await _send_json(send, exc.status, {"error": exc.message, "kind": exc.kind, "status": exc.status})
-            return
-        await _send_json(send, 200, answer.model_dump_json().encode())
+    async def classify(self, request: Request) -> Response:
+        form = ParsedForm.of(request)
+        top_k, model = form_options(form.fields)
+        answer = await classify_one(self.live, self.limits, form.files[0], top_k, model,
+                                    form_min_score(form.fields), self.monitor)
+        return Response(answer.model_dump_json(), media_type="application/json")
 
-
-async def _send_json(send: Send, status: int, body: dict | bytes) -> None:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
+    async def classify_batch(self, request: Request) -> Response:
+        form = ParsedForm.of(request)
+        top_k, model = form_options(form.fields)
+        answer = await classify_many(self.live, self.limits, self.max_images, form.files, top_k, model,
+                                     form_min_score(form.fields), self.monitor)
+        return Response(answer.model_dump_json(), media_type="application/json")

@@ -23,15 +23,19 @@ from urllib.parse import quote
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
-from service.explain import ExplainError
+from service.cam import ExplainError
 from service.explainer import ExplainResult, PreparedImage, prepare
 from service.http import metrics
-from service.http.catalog import LiveCatalog
-from service.http.classify import FORM, ParsedForm
-from service.http.errors import ASGIApp, ClientError, Receive, Scope, Send, select_model
+from service.http.classify import ParsedForm
+from service.http.errors import ServiceError
+from service.http.explainers import Explainers
+from service.http.live import LiveCatalog
 from service.http.served import ServedModel
-from service.preprocessing import DecodeLimits, ImageInputError
+from service.preprocessing import DecodeLimits
+from service.runtime import softmax
 from service.selective import judge
 
 PATH = "/explain"
@@ -48,15 +52,15 @@ class ExplainOptions:
 
 
 def explain_options(fields: dict[str, str]) -> ExplainOptions:
-    """The text fields, checked; raises ClientError 400 naming the field."""
+    """The text fields, checked; raises ServiceError 400 naming the field."""
     text = fields.get("model")
     try:  # as /classify reads it: JSON if it parses, else the string
         model = _MODEL.validate_python(None if text is None else _json_or_text(text))
     except ValidationError as exc:
-        raise ClientError(400, "invalid_request", f"model: {exc.errors()[0]['msg']}") from None
+        raise ServiceError(400, "invalid_request", f"model: {exc.errors()[0]['msg']}") from None
     fmt = fields.get("format", "json").strip().lower() or "json"
     if fmt not in FORMATS:
-        raise ClientError(400, "invalid_request", f"format: must be one of {list(FORMATS)}, got {fields['format']!r}")
+        raise ServiceError(400, "invalid_request", f"format: must be one of {list(FORMATS)}, got {fields['format']!r}")
     return ExplainOptions(model, fields.get("target") or None, fmt)
 
 
@@ -69,25 +73,23 @@ def _json_or_text(text: str) -> object:
 
 async def _prepared(data: bytes, served: ServedModel, limits: DecodeLimits) -> PreparedImage:
     start = time.perf_counter()
-    try:
-        image = await asyncio.to_thread(prepare, data, served.manifest.preprocessing, limits)
-    except ImageInputError as exc:
-        raise ClientError(exc.status_code, exc.kind, str(exc)) from exc
+    image = await asyncio.to_thread(prepare, data, served.manifest.preprocessing, limits)  # ImageInputError: 4xx
     metrics.PREPROCESS_SECONDS.labels(model=served.key).observe(time.perf_counter() - start)
     return image
 
 
-async def explain_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, options: ExplainOptions) -> ExplainResult:
-    """One image's explanation with the model the request names (ClientError for the client's mistakes)."""
-    with select_model(live.current, options.model).lease() as served:  # no await between pick and lease
+async def explain_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, options: ExplainOptions,
+                      explainers: Explainers) -> ExplainResult:
+    """One image's explanation with the model the request names (ServiceError for the client's mistakes)."""
+    with live.current.select(options.model).lease() as served:  # no await between pick and lease
         try:
-            explainer = await served.explainer()
+            explainer = await explainers.get(served)
         except ExplainError as exc:  # the version's head file is unreadable: the server's fault, not the client's
-            raise ClientError(500, "explain_unavailable", f"{served.key} cannot be explained: {exc}") from exc
+            raise ServiceError(500, "explain_unavailable", f"{served.key} cannot be explained: {exc}") from exc
         try:
             explainer.check_target(options.target)
         except ExplainError as exc:
-            raise ClientError(400, "invalid_target", str(exc)) from exc
+            raise ServiceError(400, "invalid_target", str(exc)) from exc
         image = await _prepared(data, served, limits)
         if explainer.feature_output is not None:
             logits, features = await served.infer_outputs(image.tensor, (explainer.feature_output,))
@@ -96,7 +98,8 @@ async def explain_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, opti
         loop = asyncio.get_running_loop()
 
         async def rows(batch: np.ndarray) -> np.ndarray:
-            return np.stack(await asyncio.gather(*(served.infer(t) for t in batch)))
+            return softmax(np.stack(await asyncio.gather(*(served.infer(t) for t in batch))),
+                           served.manifest.temperature)
 
         def probabilities(batch: np.ndarray) -> np.ndarray:  # called in the worker thread below
             return asyncio.run_coroutine_threadsafe(rows(batch), loop).result()
@@ -111,7 +114,7 @@ def _judged(result: ExplainResult, served: ServedModel) -> ExplainResult:
     return dataclasses.replace(result, confident=verdict.confident, threshold=verdict.threshold)
 
 
-def _png_headers(result: ExplainResult) -> list[tuple[bytes, bytes]]:
+def _png_headers(result: ExplainResult) -> dict[str, str]:
     """What the JSON says beside the map, for PNG answers (the label percent-encoded: headers are latin-1)."""
     values = {
         "x-model": result.model, "x-model-version": str(result.version), "x-explain-method": result.method,
@@ -119,35 +122,20 @@ def _png_headers(result: ExplainResult) -> list[tuple[bytes, bytes]]:
         "x-target-score": f"{result.target.score:.6g}", "x-crop-box": ",".join(f"{v:.6g}" for v in result.crop_box),
         "x-confident": {True: "true", False: "false", None: "null"}[result.confident],
     }
-    return [(k.encode(), v.encode("latin-1")) for k, v in values.items()]
+    return values
 
 
-class ExplainRoute:
-    """ASGI middleware answering ``POST /explain`` from the guard's parsed form."""
+class ExplainRoutes:
+    """The handler of ``POST /explain`` (one worker's objects)."""
 
-    def __init__(self, app: ASGIApp, live: LiveCatalog, limits: DecodeLimits) -> None:
-        self.app, self.live, self.limits = app, live, limits
+    def __init__(self, live: LiveCatalog, limits: DecodeLimits, explainers: Explainers) -> None:
+        self.live, self.limits, self.explainers = live, limits, explainers
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        form: ParsedForm | None = scope.get(FORM) if scope["type"] == "http" else None
-        if form is None or scope.get("path") != PATH:
-            await self.app(scope, receive, send)
-            return
-        try:
-            options = explain_options(form.fields)
-            result = await explain_one(self.live, self.limits, form.files[0], options)
-        except ClientError as exc:
-            body = json.dumps({"error": exc.message, "kind": exc.kind, "status": exc.status}).encode()
-            await _send(send, exc.status, b"application/json", body)
-            return
+    async def explain(self, request: Request) -> Response:
+        form = ParsedForm.of(request)
+        options = explain_options(form.fields)
+        result = await explain_one(self.live, self.limits, form.files[0], options, self.explainers)
         if options.format == "png":
-            await _send(send, 200, b"image/png", await asyncio.to_thread(result.png), _png_headers(result))
-        else:
-            await _send(send, 200, b"application/json", await asyncio.to_thread(result.json_bytes))
-
-
-async def _send(send: Send, status: int, content_type: bytes, body: bytes,
-                headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
+            return Response(await asyncio.to_thread(result.png), media_type="image/png",
+                            headers=_png_headers(result))
+        return Response(await asyncio.to_thread(result.json_bytes), media_type="application/json")

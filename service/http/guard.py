@@ -9,11 +9,12 @@
   name: a name longer than the file system allows (about 240 bytes) was a 500.
   Such names are replaced before BentoML sees them (the service never uses
   file names: formats are detected from the bytes).
-- BentoML renders a 4xx raised from an API as a one-element JSON list, its
-  own validation errors in another shape, task errors as ``{"error": ...}`` and
-  unknown paths or methods as plain text; every error response that passes
-  through here becomes the ``{"error": ..., "kind": ..., "status": ...}``
-  object every error of the service uses.
+- The form is parsed here once, uploads kept in memory (``scope[FORM]``), so
+  the route handlers behind answer from it (``service.http.classify``).
+
+Which routes are guarded, and with what limits, is the route table's
+``upload`` column (``service.http.routes``). Refusals are raised as
+:class:`~service.http.errors.ServiceError` and rendered in one place.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from typing import IO
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 
-from service.http.body import BodyReader, UploadPace
+from service.http.body import BodyReader
 from service.http.classify import FORM, ParsedForm
-from service.http.errors import ASGIApp, Message, Receive, Scope, Send, normalise_errors, refuse
-from service.preprocessing import ImageInputError
+from service.http.errors import ASGIApp, Message, Receive, Scope, Send, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +52,27 @@ class UploadRoute:
     max_files: int
     other_fields: frozenset[str] = frozenset({"top_k", "model"})
     check: Callable[[IO[bytes]], None] | None = None  # raises ImageInputError to refuse an upload's content
-    # The text fields -> None or (status, kind, message) to refuse them now: for routes that queue a job,
-    # whose own checks would otherwise only fail the job later, after a 200.
-    check_fields: Callable[[dict[str, str]], tuple | None] | None = None  # (status, kind, message[, headers])
+    # The text fields, checked now (raises ServiceError): for routes that queue a job, whose own checks
+    # would otherwise only fail the job later, after a 200.
+    check_fields: Callable[[dict[str, str]], None] | None = None
     in_memory: bool = True  # keep uploads in memory for the routes behind (archives spool to disk instead)
 
 
 class RequestGuard:
-    def __init__(
-        self, app: ASGIApp, routes: dict[str, UploadRoute], on_error: Callable[[str], None] | None = None,
-        bodies: BodyReader | None = None,
-    ) -> None:
+    """ASGI middleware: reads, checks and parses the body of a POST to an upload route, once."""
+
+    def __init__(self, app: ASGIApp, routes: dict[str, UploadRoute], bodies: BodyReader) -> None:
         self.app = app
         self.routes = routes
-        self.on_error = on_error  # told the kind of every refusal, for metrics
-        self.bodies = bodies or BodyReader(UploadPace(), 128, on_error)  # share one per worker: its cap is global
+        self.bodies = bodies  # the worker's one reader: its cap on bodies in progress is global
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        route = self.routes.get(scope.get("path", ""))
-        if route is None or scope["method"] != "POST":
-            await self.app(scope, receive, normalise_errors(send, scope))
-            return
-        body = await self.bodies.read(scope, receive, send, route.max_body)
-        if body is None:
-            return
-        problem, parsed, rebuilt = await self._check_form(scope, body, route)
-        if problem is not None:
-            await refuse(send, self.on_error, *problem)
-            return
+        body = await self.bodies.read(scope, receive, route.max_body)
+        parsed, rebuilt = await self._check_form(scope, body, route)
         if parsed is not None:
             scope = {**scope, FORM: parsed}  # read and parsed once: routes behind answer from this
         if rebuilt is not None:
@@ -100,18 +90,18 @@ class RequestGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, normalise_errors(send, scope))
+        await self.app(scope, replay, send)
 
     async def _check_form(
         self, scope: Scope, body: bytes, route: UploadRoute
-    ) -> tuple[tuple | None, ParsedForm | None, tuple[bytes, bytes] | None]:
-        """(problem, parsed, rebuilt): problem is (status, kind, message[, headers]) when the body is refused;
-        parsed is the form with the uploads' bytes in memory; rebuilt is (body, content type) when the body
-        must be re-encoded for BentoML (unsafe file names), else None."""
+    ) -> tuple[ParsedForm | None, tuple[bytes, bytes] | None]:
+        """(parsed, rebuilt), or ServiceError 400 for a body that is refused. ``parsed`` is the form with the
+        uploads' bytes in memory; ``rebuilt`` is (body, content type) when the body must be re-encoded for
+        BentoML (unsafe file names), else None."""
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
         expected = f"send multipart/form-data with the image file in the field {route.file_field!r}"
         if not content_type.lower().startswith("multipart/form-data"):
-            return (400, "invalid_request", f"{expected} (got content type {content_type or 'none'!r})"), None, None
+            raise ServiceError(400, "invalid_request", f"{expected} (got content type {content_type or 'none'!r})")
 
         async def once() -> AsyncIterator[bytes]:
             yield body
@@ -123,47 +113,41 @@ class RequestGuard:
         try:
             form = await parser.parse()
         except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
-            return (400, "invalid_request", f"malformed multipart body: {exc}"), None, None
+            raise ServiceError(400, "invalid_request", f"malformed multipart body: {exc}") from None
         try:
-            problem = _check_fields(form, route, expected)
-            if problem is not None:
-                return problem, None, None
+            _check_fields(form, route, expected)
             values = form.getlist(route.file_field)
             if route.check is not None:
                 for upload in values:
-                    try:
-                        await asyncio.to_thread(route.check, upload.file)
-                    except ImageInputError as exc:
-                        return (exc.status_code, exc.kind, str(exc)), None, None
+                    await asyncio.to_thread(route.check, upload.file)  # ImageInputError: rendered as its 4xx
             texts = {k: v for k, v in form.multi_items() if isinstance(v, str)}
             if route.check_fields is not None:  # last: it may take a job slot
-                problem = route.check_fields(texts)
-                if problem is not None:
-                    return problem, None, None
+                route.check_fields(texts)
             parsed = ParsedForm(texts, [_contents(upload) for upload in values]) if route.in_memory else None
             if any(isinstance(v, UploadFile) and not _filename_is_safe(v.filename) for _, v in form.multi_items()):
-                return None, parsed, await asyncio.to_thread(_reencode, form)
-            return None, parsed, None
+                return parsed, await asyncio.to_thread(_reencode, form)
+            return parsed, None
         finally:
             await form.close()
 
 
-def _check_fields(form: FormData, route: UploadRoute, expected: str) -> tuple[int, str, str] | None:
+def _check_fields(form: FormData, route: UploadRoute, expected: str) -> None:
+    """ServiceError 400 for unknown or repeated fields, a missing upload, text in its place, too many files."""
     unknown = sorted(set(form.keys()) - route.other_fields - {route.file_field})
     if unknown:
         allowed = sorted({route.file_field, *route.other_fields})
-        return 400, "invalid_request", f"unknown form field(s) {unknown}; allowed: {allowed}"
+        raise ServiceError(400, "invalid_request", f"unknown form field(s) {unknown}; allowed: {allowed}")
     repeated = sorted(k for k in route.other_fields if len(form.getlist(k)) > 1)
     if repeated:
-        return 400, "invalid_request", f"field(s) {repeated} given more than once; send each once"
+        raise ServiceError(400, "invalid_request", f"field(s) {repeated} given more than once; send each once")
     values = form.getlist(route.file_field)
     if not values:
-        return 400, "invalid_request", f"missing file field {route.file_field!r}; {expected}"
+        raise ServiceError(400, "invalid_request", f"missing file field {route.file_field!r}; {expected}")
     if any(not isinstance(v, UploadFile) for v in values):
-        return 400, "invalid_request", f"{route.file_field!r} must be a file upload; URLs and text are not fetched"
+        raise ServiceError(400, "invalid_request",
+                           f"{route.file_field!r} must be a file upload; URLs and text are not fetched")
     if len(values) > route.max_files:
-        return 400, "too_many_images", f"at most {route.max_files} images per request, got {len(values)}"
-    return None
+        raise ServiceError(400, "too_many_images", f"at most {route.max_files} images per request, got {len(values)}")
 
 
 def _contents(upload: UploadFile) -> bytes:

@@ -3,8 +3,7 @@
 One :class:`Monitor` per worker, built in ``service.http.app`` and handed to each front door
 (/classify, /classify_batch, the Open Inference Protocol, /explain). For each image answered it
 
-- judges the top-1 score against the request's ``min_score`` or the manifest's threshold
-  (``service.selective``), and abstains when ``IMGCLF_ABSTAIN`` says so;
+- makes the answer with :func:`service.answer.answer` (abstaining when ``IMGCLF_ABSTAIN`` says so);
 - counts it in Prometheus: ``imgclf_predictions_total{model, label}`` (at most
   ``IMGCLF_METRICS_MAX_LABELS`` label series per model in this worker, first come first served, then
   ``label="other"``: an ImageNet model must not make a thousand series), ``imgclf_top1_score`` and
@@ -19,34 +18,19 @@ the worker that answered it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from service.answer import Answer, answer
 from service.drift import DriftStatus, Window
 from service.http import metrics
 from service.http.sampling import Sampler
 from service.http.served import ServedModel
 from service.preprocessing import detect_format
-from service.runtime import Prediction, top_k
-from service.selective import Verdict, judge
+from service.runtime import Prediction
+from service.selective import Verdict
 from service.settings import Settings
 
 OTHER = "other"
-SAMPLED_TOP_K = 5  # what a sample's JSON line keeps of an answer that asked for no top-k (V2)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One image's answer: its top-k and the verdict on its top-1."""
-
-    predictions: list[Prediction]
-    verdict: Verdict
-
-    @property
-    def label(self) -> str | None:
-        """The top-1 label, or None when the answer abstains."""
-        return None if self.verdict.abstained else self.predictions[0].label
 
 
 class Monitor:
@@ -61,28 +45,26 @@ class Monitor:
         that was given no monitor, such as a test calling the front door functions directly)."""
         return cls(Settings(), None, record=False)
 
-    # --- answers ----------------------------------------------------------------------------------------
-    def answer(self, served: ServedModel, probs: np.ndarray, k: int, min_score: float | None = None, *,
+    # --- answers ---------------------------------------------------------------------------------------
+    def answer(self, served: ServedModel, logits: np.ndarray, k: int, min_score: float | None = None, *,
                data: bytes | None = None, route: str = "") -> Answer:
-        """Top-k of one image's probabilities and the verdict on its top-1; observed, and maybe sampled."""
-        predictions = top_k(probs, served.manifest.labels, max(k, 1))
-        best = predictions[0]
-        verdict = judge(best.score, served.manifest.selective, min_score, self.settings.abstain)
-        self.observe(served, best, verdict)
+        """:func:`service.answer.answer` for one image of ``served`` (abstaining as IMGCLF_ABSTAIN says),
+        observed, and offered to the sampler with the bytes it came from."""
+        result = answer(logits, served.manifest, k, min_score, self.settings.abstain)
+        self.observe(served, result, data=data, route=route)
+        return result
+
+    def observe(self, served: ServedModel, result: Answer, *, data: bytes | None = None, route: str = "") -> None:
+        """Metrics and drift for one answer; with ``data``, maybe a sample of it."""
+        best, verdict = result.predictions[0], result.verdict
+        self._count(served, best, verdict)
         if data is not None and self.sampler is not None and self.record:
             self.sampler.offer(data, model=served.manifest.name, version=served.manifest.version, route=route,
                                fmt=detect_format(data), confident=verdict.confident, threshold=verdict.threshold,
-                               top_k=[{"label": p.label, "index": p.index, "score": p.score} for p in predictions])
-        return Answer(predictions[:k], verdict)
+                               top_k=[{"label": p.label, "index": p.index, "score": p.score}
+                                      for p in result.predictions])
 
-    def verdicts(self, served: ServedModel, probs: np.ndarray, min_score: float | None = None, *,
-                 images: tuple[bytes, ...] | None = None, route: str = "") -> list[Verdict]:
-        """The verdict on each row of an (N, K) array of probabilities (V2), each one observed; ``images``
-        (the encoded images the rows came from, if they came from images) are offered to the sampler."""
-        return [self.answer(served, row, SAMPLED_TOP_K, min_score, data=None if images is None else images[i],
-                            route=route).verdict for i, row in enumerate(np.atleast_2d(probs))]
-
-    def observe(self, served: ServedModel, best: Prediction, verdict: Verdict) -> None:
+    def _count(self, served: ServedModel, best: Prediction, verdict: Verdict) -> None:
         if not self.record:
             return
         key = served.key

@@ -1,65 +1,159 @@
-"""Plain ASGI routes that BentoML APIs cannot express: ``GET /models`` and a ``/readyz`` with a reason.
+"""The route table: every path the service answers itself, and what the middleware must do for it.
 
-BentoML APIs are POST-only and a mounted app only sees ``/models/...`` (Starlette redirects
-``/models`` with a 307), so a small middleware answers the exact path itself. BentoML's own
-``/readyz`` answers a bare status; a worker that could not load a production version answers 503
-with the reason here instead (and serves its other models).
+One row per route. ``handler`` answers it (None: BentoML does, e.g. its ``/batch`` task routes);
+``upload`` says the request guard reads, checks and parses the body first (limits, pace, one multipart
+parse); ``admitted`` says admission counts it. The router, the guard and admission are all built from
+this table (``service.http.edge``), so a route's whole behaviour is on its row. Paths not here go on
+to BentoML (``/metrics``, ``/livez``, ``/docs.json``, the ``/batch`` task routes).
+
+To add a route: write a handler (a Starlette endpoint taking a ``Request``, or an ASGI app for a
+whole prefix), raise :class:`~service.http.errors.ServiceError` for the client's mistakes, and add its
+row below.
 """
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from service.http.catalog import Catalog, LiveCatalog
-from service.http.errors import ASGIApp, Receive, Scope, Send
-from service.http.monitor import Monitor
+from starlette.datastructures import URLPath
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, NoMatchFound, Router, request_response
+
+from service.batch.archive import check_archive
+from service.http.admin import AdminRoute
+from service.http.batch_task import JobFields, archive_limits
+from service.http.classify import ClassifyRoutes
+from service.http.errors import ASGIApp, Receive, Scope, Send, ServiceError
+from service.http.explain_route import FIELDS as EXPLAIN_FIELDS
+from service.http.explain_route import ExplainRoutes
+from service.http.guard import UploadRoute
 from service.http.schemas import DriftOut, ModelInfo, ModelsResponse
+from service.http.ui import UiRoute
+from service.http.v2.route import V2App
+
+if TYPE_CHECKING:
+    from service.http.catalog import Catalog
+    from service.http.edge import Worker
+    from service.http.monitor import Monitor
+
+CLASSIFY_FIELDS = frozenset({"top_k", "model", "min_score"})  # the text fields of /classify and /classify_batch
+FORM_OVERHEAD = 64 * 1024  # multipart framing and text fields around one upload
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    handler: Any = None  # a Starlette endpoint, an ASGI app, or None: BentoML answers
+    methods: tuple[str, ...] | None = None  # the methods an endpoint takes (others: 405); None for an ASGI app
+    # (which answers every method itself)
+    upload: UploadRoute | None = None  # the guard reads and parses the body of a POST first
+    admitted: bool = False  # admission counts a POST (503 + Retry-After when the worker is full)
+    prefix: bool = False  # the handler answers every path under ``path`` too
+
+    def answers(self, path: str) -> bool:
+        return path == self.path or (self.prefix and path.startswith(self.path + "/"))
+
+
+class _Row(BaseRoute):
+    """One row in Starlette's router, matched on the exact path (or the prefix).
+
+    Starlette's own ``Route`` matches with a regex whose ``$`` also accepts a trailing newline and whose
+    ``{rest:path}`` stops at one, so an encoded ``%0A`` slipped past a row (and past the guard's exact
+    lookup) to BentoML, which answered plain text; these rows compare strings instead.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        handler = endpoint.handler
+        self.app = request_response(handler) if inspect.isroutine(getattr(handler, "func", handler)) else handler
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and self.endpoint.answers(scope["path"]):
+            return Match.FULL, {"endpoint": self.endpoint.handler}
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        methods = self.endpoint.methods
+        if methods is not None and scope["method"] not in methods:
+            allow = ", ".join(methods)
+            raise ServiceError(405, "method_not_allowed", f"method not allowed: {scope['method']} "
+                               f"{scope['path'][:200]}; allowed: {allow}", [(b"allow", allow.encode())])
+        await self.app(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)
+
+
+def mount(endpoints: list[Endpoint], default: ASGIApp) -> Router:
+    """Starlette's router over the rows that have a handler; any other path goes to ``default`` (BentoML)."""
+    return Router([_Row(e) for e in endpoints if e.handler is not None], redirect_slashes=False, default=default)
+
+
+def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:
+    """Every route of one worker, its handler given that worker's objects."""
+    s = worker.settings
+    image = partial(UploadRoute, "image", s.max_upload_bytes + FORM_OVERHEAD, 1)
+    archive = UploadRoute("archive", s.max_archive_bytes, 1, check_fields=JobFields(worker.live, worker.jobs),
+                          check=partial(check_archive, limits=archive_limits(s)), in_memory=False)
+    classify = ClassifyRoutes(worker.live, worker.limits, s.max_batch_images, worker.monitor)
+    models = ModelsRoute(worker)
+    return [
+        Endpoint("/classify", classify.classify, ("POST",), image(other_fields=CLASSIFY_FIELDS), admitted=True),
+        Endpoint("/classify_batch", classify.classify_batch, ("POST",),
+                 UploadRoute("images", s.max_request_bytes, s.max_batch_images, other_fields=CLASSIFY_FIELDS),
+                 admitted=True),
+        Endpoint("/explain", ExplainRoutes(worker.live, worker.limits, worker.explainers).explain, ("POST",),
+                 image(other_fields=EXPLAIN_FIELDS), admitted=True),
+        Endpoint("/batch", None, upload=archive),  # BentoML's task routes (service.http.app.Classifier.batch)
+        Endpoint("/batch/submit", None, upload=archive),
+        Endpoint("/models", models),
+        Endpoint("/models/", models),
+        Endpoint("/readyz", ReadyRoute(worker, bentoml_app)),
+        Endpoint("/ui", UiRoute(), prefix=True),
+        Endpoint("/admin", AdminRoute(worker.live, s.admin_token), prefix=True),
+        Endpoint("/v2", V2App(worker.v2, worker.bodies, s.max_request_bytes), prefix=True),
+    ]
 
 
 def models_response(catalog: Catalog, monitor: Monitor | None = None) -> ModelsResponse:
     """What this worker serves; with ``monitor``, each model's drift window in this worker too."""
+    default = catalog.pick(None).key if catalog.default is not None else None
     return ModelsResponse(models=[
-        ModelInfo(name=e.manifest.name, version=e.manifest.version, labels=len(e.manifest.labels),
-                  preprocessing=e.manifest.preprocessing, provider=e.provider, load_seconds=e.load_seconds,
-                  default=key == catalog.default,
-                  threshold=e.manifest.selective.threshold if e.manifest.selective else None,
-                  selective=e.manifest.selective,
-                  drift=DriftOut(**vars(monitor.drift(e))) if monitor is not None else None)
-        for key, e in catalog.engines.items()
+        ModelInfo(name=m.manifest.name, version=m.manifest.version, labels=len(m.manifest.labels),
+                  preprocessing=m.manifest.preprocessing, provider=m.provider, load_seconds=m.load_seconds,
+                  default=m.key == default,
+                  threshold=m.manifest.selective.threshold if m.manifest.selective else None,
+                  selective=m.manifest.selective,
+                  drift=DriftOut(**vars(monitor.drift(m))) if monitor is not None else None)
+        for m in catalog.models.values()
     ], not_loaded=catalog.failed)
 
 
-class ReadyRoute:
-    """GET /readyz: 503 with the reason while a version this worker should serve failed to load."""
-
-    def __init__(self, app: ASGIApp, live: LiveCatalog) -> None:
-        self.app = app
-        self.live = live
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        failed = self.live.current.failed if scope["type"] == "http" and scope["path"] == "/readyz" else None
-        if not failed:
-            await self.app(scope, receive, send)
-            return
-        reason = "; ".join(f"{key}: {why}" for key, why in failed.items())
-        body = {"error": f"not ready: could not load {reason}", "kind": "not_ready", "status": 503}
-        await JSONResponse(body, 503)(scope, receive, send)
-
-
 class ModelsRoute:
-    """GET /models: what this worker serves now."""
+    """GET /models: what this worker serves now (any other method: a 405 that says to use GET)."""
 
-    def __init__(self, app: ASGIApp, live: LiveCatalog, monitor: Monitor | None = None) -> None:
-        self.app = app
-        self.live = live
-        self.monitor = monitor
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].rstrip("/") != "/models":
-            await self.app(scope, receive, send)
-            return
         if scope["method"] != "GET":
-            response = JSONResponse({"error": "use GET /models", "kind": "method_not_allowed", "status": 405}, 405)
-        else:
-            response = JSONResponse(models_response(self.live.current, self.monitor).model_dump(mode="json"))
-        await response(scope, receive, send)
+            raise ServiceError(405, "method_not_allowed", "use GET /models")
+        document = models_response(self.worker.live.current, self.worker.monitor).model_dump(mode="json")
+        await JSONResponse(document)(scope, receive, send)
+
+
+class ReadyRoute:
+    """GET /readyz: 503 with the reason while a version this worker should serve failed to load; else
+    BentoML's own answer. (BentoML's /readyz answers a bare status.)"""
+
+    def __init__(self, worker: Worker, bentoml_app: ASGIApp) -> None:
+        self.worker, self.bentoml_app = worker, bentoml_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = self.worker.live.current.not_ready
+        if problem is not None:
+            raise ServiceError(503, "not_ready", problem)
+        await self.bentoml_app(scope, receive, send)

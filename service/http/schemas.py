@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain import Explanation
+from service.cam import Explanation
 from service.preprocessing.spec import PreprocessSpec
 from service.selective import Selective
 
@@ -81,7 +81,8 @@ class ModelInfo(_Body):
     preprocessing: PreprocessSpec
     provider: str
     load_seconds: float
-    default: bool
+    default: bool = Field(description="a request without `model` gets this version (IMGCLF_DEFAULT_MODEL, or the "
+                          "only model served)")
     threshold: float | None = Field(default=None, description="top-1 score from which an answer is confident; "
                                     "null: no validation set to choose one")
     selective: Selective | None = Field(default=None, description="how the threshold was chosen and what it reached")
@@ -120,4 +121,4 @@ class ReloadResponse(_Body):
 
 
 class ExplainResponse(_Body, Explanation):
-    """POST /explain (JSON): :class:`service.explain.Explanation`, published with its nullable fields marked."""
+    """POST /explain (JSON): :class:`service.cam.Explanation`, published with its nullable fields marked."""

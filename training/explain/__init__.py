@@ -1,6 +1,6 @@
 """Training-side explanations: the export split (heads), torch Grad-CAM (the reference), feature maps, summary.
 
-The serving side computes the same maps without torch in :mod:`service.explain`.
+The serving side computes the same maps without torch in :mod:`service.cam`.
 """
 
 from training.explain.gradcam import ImageExplanation, explain_image, pearson, torch_gradcam

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from service.explain import ExplainTarget, resolve_target
+from service.cam import ExplainTarget, resolve_target
 from service.explainer import prepare
 from service.overlay import overlay_png
 from service.preprocessing import PreprocessSpec

@@ -2,7 +2,7 @@
 
 :func:`explain_head` returns what export needs: a module whose forward gives
 ``(logits, features)`` (ONNX Runtime returns both outputs), the
-:class:`~service.explain.ExplainSpec` for the manifest and the head's arrays
+:class:`~service.cam.ExplainSpec` for the manifest and the head's arrays
 for the ``.npz`` side file. The head modules are converted generically
 (pooling, flatten, Linear, 1x1 Conv after pooling, activations, LayerNorm,
 Dropout); an architecture whose head holds anything else gets ``occlusion``.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.explain import ExplainSpec, HeadOp
+from service.cam import ExplainSpec, HeadOp
 from service.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The page a person uses at ``GET /ui``: static HTML, CSS and plain JavaScript shipped in this package."""
 
-from service.http.ui.route import CSP, UiRoute
+from service.http.ui.route import CSP, PREFIX, UiRoute
 
-__all__ = ["CSP", "UiRoute"]
+__all__ = ["CSP", "PREFIX", "UiRoute"]

@@ -1,7 +1,6 @@
-"""``GET /ui`` and its assets, answered by a plain ASGI middleware (the shape of ``ModelsRoute``).
+"""``GET /ui`` and its assets: a plain ASGI app in the route table (``service.http.routes``).
 
-Why a middleware and not a mounted app: BentoML APIs are POST-only, and a mounted Starlette app would
-redirect ``/ui`` to ``/ui/``. Why no build step: the page is three small files read from this package
+Why no build step: the page is three small files read from this package
 once per worker, so a fresh clone, a wheel and a bento serve the same bytes with no internet.
 
 Every answer here (the assets and the errors) carries a Content-Security-Policy that allows scripts,
@@ -15,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-from service.http.errors import ASGIApp, Receive, Scope, Send, error_body
+from service.http.errors import Receive, Scope, Send, ServiceError, send_response
 
 #: The page draws previews and heatmaps on canvases from decoded blobs (createImageBitmap), so images
 #: need no ``blob:`` or ``data:`` source; ``form-action 'none'``: the page never submits a form itself.
@@ -58,32 +57,16 @@ def security_headers() -> list[tuple[bytes, bytes]]:
 class UiRoute:
     """GET/HEAD ``/ui`` (the page) and ``/ui/app.js``, ``/ui/style.css``, ``/ui/icon.svg``."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self.assets = load_assets()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path != PREFIX and not path.startswith(PREFIX + "/"):
-            await self.app(scope, receive, send)
-            return
+        path = scope["path"]
         asset = self.assets.get(path)
         if scope["method"] not in ("GET", "HEAD"):
-            await self._answer(send, 405, *_error(405, "method_not_allowed", f"use GET {path[:200]}"),
-                               [(b"allow", b"GET, HEAD")])
-        elif asset is None:
-            await self._answer(send, 404, *_error(404, "not_found", f"no file {path[:200]}; the page is {PREFIX}"))
-        else:
-            await self._answer(send, 200, asset.body, asset.content_type, head=scope["method"] == "HEAD")
-
-    @staticmethod
-    async def _answer(send: Send, status: int, body: bytes, content_type: str,
-                      extra: list[tuple[bytes, bytes]] | None = None, head: bool = False) -> None:
-        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
-                   *security_headers(), *(extra or [])]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-def _error(status: int, kind: str, message: str) -> tuple[bytes, str]:
-    return error_body(status, kind, message), "application/json"
+            raise ServiceError(405, "method_not_allowed", f"use GET {path[:200]}",
+                               [*security_headers(), (b"allow", b"GET, HEAD")])
+        if asset is None:
+            raise ServiceError(404, "not_found", f"no file {path[:200]}; the page is {PREFIX}", security_headers())
+        await send_response(send, 200, asset.body, security_headers(), asset.content_type.encode(),
+                            head=scope["method"] == "HEAD")

@@ -1,4 +1,4 @@
-"""The one error type of the V2 codec: a status and a message, answered as ``{"error": message}``.
+"""The V2 branch of the error tree: a :class:`~service.http.errors.ServiceError` answered as ``{"error": message}``.
 
 tritonclient reads exactly the ``error`` key of any non-200 answer (``tritonclient/http/_utils.py``),
 and KServe's and MLServer's clients do the same, so the body carries nothing else. ``kind`` is for the
@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 
+from service.http.errors import Headers, ServiceError
 
-class V2Error(Exception):
+
+class V2Error(ServiceError):
     """A request the V2 codec refuses: what the client did wrong, as the client should read it."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+    def __init__(self, status: int, message: str, kind: str = "invalid_request", headers: Headers = ()) -> None:
+        super().__init__(status, kind, message, headers)
 
     def body(self) -> bytes:
         """The REST body: ``{"error": message}``."""
         return json.dumps({"error": self.message}).encode()
 
-    def __repr__(self) -> str:
-        return f"V2Error({self.status}, {self.message!r}, kind={self.kind!r})"
+    @classmethod
+    def of(cls, error: ServiceError) -> V2Error:
+        """Any refusal as V2 renders it (its status, kind, message and headers kept)."""
+        return error if isinstance(error, V2Error) else cls(error.status, error.message, error.kind, error.headers)
 
 
 def invalid(message: str) -> V2Error:

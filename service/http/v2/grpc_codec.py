@@ -13,7 +13,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from service.http.v2.errors import V2Error, invalid
+from service.http.errors import ServiceError
+from service.http.v2.errors import invalid
 from service.http.v2.facts import PLATFORM, ModelFacts, model_config, server_metadata
 from service.http.v2.outputs import OutputTensor
 from service.http.v2.proto import grpc_predict_v2_pb2 as pb
@@ -31,7 +32,7 @@ _STATUS = {
 }
 
 
-def status_code(error: V2Error) -> grpc.StatusCode:
+def status_code(error: ServiceError) -> grpc.StatusCode:
     """The gRPC status for an HTTP-style one (``context.abort(status_code(e), e.message)``)."""
     if error.status in _STATUS:
         return _STATUS[error.status]

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from service.http.errors import ServiceError
 from service.http.v2 import grpc_codec
 from service.http.v2.errors import V2Error
 from service.http.v2.proto import grpc_predict_v2_pb2 as pb
 from service.http.v2.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.http.v2.proto import triton_model_config_pb2 as config_pb
-from service.http.v2.serving import Overloaded, V2Service
+from service.http.v2.serving import V2Service
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +32,17 @@ log = logging.getLogger(__name__)
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The six KServe RPCs, plus Triton's ModelConfig (registered separately; perf_analyzer needs it)."""
 
-    def __init__(self, service: V2Service, timeout_s: float) -> None:
+    def __init__(self, service: V2Service, timeout_s: float, on_error: Callable[[str], None] | None = None) -> None:
         self.service = service
         self.timeout_s = timeout_s
+        self.on_error = on_error  # told the kind of every refusal, for imgclf_errors_total
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: V2Error) -> None:
-        self.service.failed(error)
-        if isinstance(error, Overloaded):
-            context.set_trailing_metadata((("retry-after", str(error.retry_after)),))
+    async def _abort(self, context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+        """gRPC's rendering of the error tree: the status mapped, headers as trailing metadata, counted."""
+        if self.on_error is not None and error.counted:
+            self.on_error(error.kind)
+        if error.headers:
+            context.set_trailing_metadata(tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in error.headers))
         await context.abort(grpc_codec.status_code(error), error.message)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -56,14 +61,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
             return grpc_codec.model_metadata(self.service.model_facts(request.name, request.version or None))
-        except V2Error as exc:
+        except ServiceError as exc:
             await self._abort(context, exc)
             raise  # not reached: abort raises
 
     async def ModelConfig(self, request: config_pb.ModelConfigRequest, context: Any) -> config_pb.ModelConfigResponse:
         try:
             return grpc_codec.model_config_response(self.service.model_facts(request.name, request.version or None))
-        except V2Error as exc:
+        except ServiceError as exc:
             await self._abort(context, exc)
             raise
 
@@ -80,7 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     async with asyncio.timeout(self.timeout_s):
                         answer = await service.infer_answer(served, parsed, facts)
                     return grpc_codec.encode_response(parsed, answer.outputs, answer.parameters)
-        except V2Error as exc:
+        except ServiceError as exc:
             await self._abort(context, exc)
             raise
         except TimeoutError:
@@ -92,8 +97,9 @@ class GrpcFront:
     """Starts and stops one worker's gRPC server (``Classifier``'s startup and shutdown hooks)."""
 
     def __init__(self, service: V2Service, host: str, port: int | None, max_message_bytes: int,
-                 max_concurrent_rpcs: int, timeout_s: float) -> None:
+                 max_concurrent_rpcs: int, timeout_s: float, on_error: Callable[[str], None] | None = None) -> None:
         self.service = service
+        self.on_error = on_error
         self.address = None if port is None else f"{host}:{port}"
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_rpcs = max_concurrent_rpcs
@@ -108,7 +114,7 @@ class GrpcFront:
                    ("grpc.max_receive_message_length", self.max_message_bytes),
                    ("grpc.max_send_message_length", self.max_message_bytes)]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.max_concurrent_rpcs)
-        servicer = InferenceServicer(self.service, self.timeout_s)
+        servicer = InferenceServicer(self.service, self.timeout_s, self.on_error)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         server.add_generic_rpc_handlers((grpc_codec.model_config_handler(servicer.ModelConfig),))
         server.add_insecure_port(self.address)  # raises RuntimeError when it cannot bind

@@ -138,11 +138,11 @@ class V2OpenAPI:
 
     def _loaded(self) -> tuple[list[str], list[str]]:
         try:
-            engines = self.service.live.current.engines.values()
+            served = self.service.live.current.models.values()
         except RuntimeError:  # not loaded yet
             return [], []
-        return (sorted({e.manifest.name for e in engines}),
-                sorted({str(e.manifest.version) for e in engines}, key=int))
+        return (sorted({m.manifest.name for m in served}),
+                sorted({str(m.manifest.version) for m in served}, key=int))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "GET" or scope.get("path") not in self.PATCHED:

@@ -1,11 +1,12 @@
-"""The V2 REST routes (Open Inference Protocol over HTTP), as one plain ASGI middleware.
+"""The V2 REST routes (Open Inference Protocol over HTTP): one ASGI app for every path under ``/v2``.
 
-BentoML APIs are POST-only and cannot have path parameters, and V2 puts the model and version in the
-path (``/v2/models/{m}/versions/{v}/infer``), so this answers every path under ``/v2`` itself. It sits
-before the request guard (its answers are V2's ``{"error"}``, not rewritten into the multipart routes'
-error object) and reads bodies through the worker's one :class:`~service.http.body.BodyReader`, so the
-cap on bodies in progress, the size limit (``IMGCLF_MAX_REQUEST_BYTES``) and the slow-upload defences
-are shared with /classify. Admission, the batching queue and hot reload: :mod:`.serving`.
+V2 puts the model and version in the path (``/v2/models/{m}/versions/{v}/infer``) and a model name may
+hold an encoded ``/``, so :func:`match` reads the still-encoded path itself; the route table
+(``service.http.routes``) sends it ``/v2`` and everything under it. Its refusals are
+:class:`~service.http.v2.errors.V2Error`, rendered as V2's ``{"error"}`` by the one error renderer. It
+reads bodies through the worker's one :class:`~service.http.body.BodyReader`, so the cap on bodies in
+progress, the size limit (``IMGCLF_MAX_REQUEST_BYTES``) and the slow-upload defences are shared with
+/classify. Admission, the batching queue and hot reload: :mod:`.serving`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from service.http.body import BodyReader
-from service.http.errors import ASGIApp, Receive, Scope, Send
+from service.http.errors import Receive, Scope, Send, ServiceError
 from service.http.v2 import rest
 from service.http.v2.encoding import content_encoding, inflate
 from service.http.v2.errors import V2Error
 from service.http.v2.facts import ModelFacts, model_config, model_metadata, server_metadata
 from service.http.v2.request import InferRequest
-from service.http.v2.serving import Overloaded, V2Service
+from service.http.v2.serving import V2Service
 
 log = logging.getLogger(__name__)
 
@@ -57,43 +58,29 @@ def match(raw_path: str) -> Route | None:
     return Route(action, unquote(m["model"]), None if version is None else unquote(version))
 
 
-def _is_v2(path: str) -> bool:
-    return path == PREFIX or path.startswith(PREFIX + "/")
+class V2App:
+    """Every ``/v2`` path: health, metadata, config and inference."""
 
-
-class V2Routes:
-    """ASGI middleware: every ``/v2`` path; anything else goes on to the app."""
-
-    def __init__(self, app: ASGIApp, service: V2Service, bodies: BodyReader, max_body: int) -> None:
-        self.app = app
+    def __init__(self, service: V2Service, bodies: BodyReader, max_body: int) -> None:
         self.service = service
         self.bodies = bodies
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_v2(scope["path"]):
-            await self.app(scope, receive, send)
-            return
         raw = scope.get("raw_path")
         route = match(raw.decode("latin-1").partition("?")[0] if raw else scope["path"])
         method = scope["method"]
         if route is None:
-            answer = self._error(V2Error(404, f"no V2 endpoint {method} {scope['path'][:200]}; the API is "
-                                              "described at /docs.json", kind="not_found"))
-        elif method != route.method and not (method == "HEAD" and route.method == "GET"):
-            answer = self._error(V2Error(405, f"method not allowed: {method} {scope['path'][:200]}; "
-                                              f"use {route.method}", kind="method_not_allowed"))
-            await _send(send, answer, [(b"allow", route.method.encode())], method)
-            return
-        elif route.action == "infer":
-            await self._infer(scope, receive, send, route)
-            return
+            raise V2Error(404, f"no V2 endpoint {method} {scope['path'][:200]}; the API is described at /docs.json",
+                          kind="not_found")
+        if method != route.method and not (method == "HEAD" and route.method == "GET"):
+            raise V2Error(405, f"method not allowed: {method} {scope['path'][:200]}; use {route.method}",
+                          kind="method_not_allowed", headers=[(b"allow", route.method.encode())])
+        if route.action == "infer":
+            answer = await self._infer(scope, receive, route)
         else:
             answer = self._document(route)
-        await _send(send, answer, [], method)
-
-    def _error(self, error: V2Error) -> rest.RestResponse:
-        return rest.error_response(self.service.failed(error))
+        await _send(send, answer, method)
 
     def _document(self, route: Route) -> rest.RestResponse:
         """Health, server and model metadata, model config: answered from the current catalog."""
@@ -106,43 +93,28 @@ class V2Routes:
             return rest.json_response({"ready": True})
         if route.action == "server":
             return rest.json_response(server_metadata())
-        try:
-            facts = self.service.model_facts(route.model, route.version)
-        except V2Error as exc:
-            return self._error(exc)
+        facts = self.service.model_facts(route.model, route.version)
         if route.action == "model_ready":
             return rest.json_response({"name": facts.name, "ready": True})
         if route.action == "config":
             return rest.json_response(model_config(facts))
         return rest.json_response(model_metadata(facts))
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+    async def _infer(self, scope: Scope, receive: Receive, route: Route) -> rest.RestResponse:
         headers = dict(scope.get("headers") or [])
         encoding = content_encoding(headers.get(b"content-encoding"))
         if isinstance(encoding, V2Error):
-            await _send(send, self._error(encoding), [], "POST")
-            return
-        extra: list[tuple[bytes, bytes]] = []
-        try:
-            self.service.check_admission()  # an overloaded worker refuses before reading the body, as for /classify
-        except Overloaded as exc:
-            await _send(send, self._error(exc), [(b"retry-after", str(exc.retry_after).encode())], "POST")
-            return
-        body = await self.bodies.read(scope, receive, send, self.max_body)
-        if body is None:  # refused (answered) or the client went away
-            return
+            raise encoding
+        self.service.check_admission()  # an overloaded worker refuses before reading the body, as for /classify
+        body = await self.bodies.read(scope, receive, self.max_body)  # its refusals: the service's error object
         length = headers.get(rest.HEADER_LENGTH.lower().encode())
         try:
-            answer = await self._answer(body, encoding, None if length is None else length.decode("latin-1"), route)
-        except Overloaded as exc:
-            answer, extra = self._error(exc), [(b"retry-after", str(exc.retry_after).encode())]
-        except V2Error as exc:
-            answer = self._error(exc)
-        except Exception:  # a bug or a model failure: logged, and still a V2 answer
+            return await self._answer(body, encoding, None if length is None else length.decode("latin-1"), route)
+        except ServiceError as exc:
+            raise V2Error.of(exc) from None
+        except Exception as exc:  # a bug or a model failure: logged, and still a V2 answer
             log.exception("V2 inference failed")
-            answer = self._error(V2Error(500, "internal error while scoring; see the server log",
-                                         kind="internal_error"))
-        await _send(send, answer, extra, "POST")
+            raise V2Error(500, "internal error while scoring; see the server log", kind="internal_error") from exc
 
     async def _answer(self, body: bytes, encoding: str, header_length: str | None,
                       route: Route) -> rest.RestResponse:
@@ -164,8 +136,8 @@ class V2Routes:
         return rest.parse_request(inflate(body, encoding, self.max_body), header_length, facts)
 
 
-async def _send(send: Send, answer: rest.RestResponse, extra: list[tuple[bytes, bytes]], method: str) -> None:
+async def _send(send: Send, answer: rest.RestResponse, method: str) -> None:
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-    headers += [(b"content-length", str(len(answer.body)).encode()), *extra]
+    headers += [(b"content-length", str(len(answer.body)).encode())]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if method == "HEAD" else answer.body})

@@ -5,9 +5,11 @@ V2 request is served exactly like a multipart one:
 
 - ``live.current`` is read once per request and the model it picks is leased until the answer is built
   (a hot reload retires it only afterwards);
-- admission is the same :class:`~service.http.admission.Admission` arithmetic over the same
-  :class:`~service.http.admission.LoadEstimate` (in flight, measured service time): a refusal is a 503
-  with ``Retry-After`` over REST, ``UNAVAILABLE`` with a ``retry-after`` trailer over gRPC;
+- the model is picked by the catalog's one rule (:meth:`~service.http.catalog.Catalog.pick`): the path
+  names the model, and no version means its production version, as ``model=name`` on /classify;
+- admission is the worker's one :class:`~service.http.admission.Admission` (in flight, measured service
+  time), shared with /classify: a refusal is a 503 with ``Retry-After`` over REST, ``UNAVAILABLE`` with
+  a ``retry-after`` trailer over gRPC;
 - each image is decoded by ``image_to_tensor`` with /classify's limits, off the event loop, and timed in
   ``imgclf_preprocess_seconds``; one that fails fails the request with its index (V2 has no per-item
   errors) and no image of that request is scored;
@@ -22,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,9 @@ import numpy as np
 
 from service.http import metrics
 from service.http.admission import Admission
-from service.http.catalog import Catalog, LiveCatalog
+from service.http.catalog import Catalog
+from service.http.errors import ServiceError
+from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
 from service.http.served import ServedModel
 from service.http.v2.errors import V2Error, image_error, parse_version, unknown_model
@@ -39,19 +43,11 @@ from service.http.v2.outputs import OutputTensor, build_outputs
 from service.http.v2.request import InferRequest
 from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
 from service.repository import MODEL_FILE
-from service.runtime import softmax
 from service.selective import Verdict
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(V2Error):
-    """Admission refused the request; ``retry_after`` seconds is when to try again."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(503, message, kind="overloaded")
-        self.retry_after = retry_after
+SAMPLED_TOP_K = 5  # what a sample's JSON line keeps of an answer, which V2 asks no top-k of
 
 
 @dataclass(frozen=True)
@@ -76,33 +72,27 @@ class V2Service:
     """The per-worker state both transports serve from (single event loop: no locks)."""
 
     def __init__(self, live: LiveCatalog, settings: Settings, admission: Admission,
-                 on_error: Callable[[str], None] | None = metrics.count_error, monitor: Monitor | None = None) -> None:
+                 monitor: Monitor | None = None) -> None:
         self.live = live
         self.monitor = monitor or Monitor.quiet()  # confident, metrics, drift and sampling, as /classify
         self.settings = settings
         self.admission = admission
-        self.on_error = on_error
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
-        self._facts: dict[tuple[str, tuple[int, ...]], ModelFacts] = {}
+        self._facts: dict[tuple[str, tuple[int, ...], str | None], ModelFacts] = {}
 
     # --- which model ---------------------------------------------------------------------------------
     def pick(self, catalog: Catalog, name: str, version: str | None) -> ServedModel:
-        """The model version a route names: ``version`` None is the one /classify serves for ``model=name``
-        (its production version); else exactly that version if it is loaded. 404s list what is loaded."""
-        matching = [e for e in catalog.engines.values() if e.manifest.name == name]
-        if not matching:
-            raise unknown_model(name, sorted({e.manifest.name for e in catalog.engines.values()}))
-        wanted = parse_version(name, version, [e.manifest.version for e in matching])
-        if wanted is None:
-            production = catalog.following.get(name)
-            return next((e for e in matching if e.manifest.version == production), matching[0])
-        return next(e for e in matching if e.manifest.version == wanted)
+        """The model version a route names, by :meth:`Catalog.pick` (no version: the production one, as
+        /classify's ``model=name``); V2's own 404s list what is loaded."""
+        loaded = catalog.versions(name)
+        if not loaded:
+            raise unknown_model(name, catalog.names)
+        return catalog.pick(name, parse_version(name, version, loaded))
 
     def facts(self, catalog: Catalog, served: ServedModel) -> ModelFacts:
         """What ``served`` offers over V2 (cached: a version's manifest never changes)."""
-        versions = tuple(sorted(e.manifest.version for e in catalog.engines.values()
-                                if e.manifest.name == served.manifest.name))
-        key = (served.key, versions)
+        versions = tuple(catalog.versions(served.manifest.name))
+        key = (served.key, versions, catalog.default)
         facts = self._facts.get(key)
         if facts is None:
             if len(self._facts) > 64:  # reloads come and go; keep only recent models
@@ -112,7 +102,7 @@ class V2Service:
                 manifest, versions=list(versions), max_images=self.settings.max_batch_images,
                 batch_size=served.max_batch_size, batch_wait_ms=served.batch_wait_ms)
             extra = {"provider": served.provider, "opset": manifest.export.opset,
-                     "precision": manifest.export.precision}
+                     "precision": manifest.export.precision, "default": catalog.default == manifest.name}
             if MODEL_FILE in manifest.files:
                 extra["model_sha256"] = manifest.files[MODEL_FILE].sha256
             facts = self._facts[key] = dataclasses.replace(facts, extra_parameters=extra)
@@ -125,48 +115,32 @@ class V2Service:
 
     def is_ready(self, name: str, version: str | None) -> bool:
         try:
-            catalog = self.live.current
-            self.pick(catalog, name, version)
-        except (V2Error, RuntimeError):
+            self.pick(self.live.current, name, version)
+        except (ServiceError, RuntimeError):
             return False
         return True
 
     def not_ready(self) -> str | None:
         """Why this worker is not ready (None: ready), as /readyz says it."""
         try:
-            failed = self.live.current.failed
+            return self.live.current.not_ready
         except RuntimeError as exc:  # models not loaded yet
             return str(exc)
-        if failed:
-            return "not ready: could not load " + "; ".join(f"{key}: {why}" for key, why in failed.items())
-        return None
 
     # --- admission -------------------------------------------------------------------------------------
     def check_admission(self) -> None:
-        """Raise :class:`Overloaded` when a request arriving now must be refused (nothing is counted in)."""
-        refused = self.admission.refusal()
-        if refused is not None:
-            why, retry_after = refused
-            self.admission.refused += 1
-            if self.admission.refused == 1 or self.admission.refused % 1000 == 0:
-                log.warning("overloaded, refusing V2 requests (%d so far): %s", self.admission.refused, why)
-            raise Overloaded(f"server overloaded: {why}; retry after {retry_after} s", retry_after)
+        """Raise the worker's Overloaded refusal, as a V2Error, when a request arriving now must wait."""
+        try:
+            self.admission.check()
+        except ServiceError as exc:
+            raise V2Error.of(exc) from None
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
-        """Count the request in the worker's load for its duration, or raise :class:`Overloaded`."""
+        """Count the request in the worker's load for its duration, or raise the refusal."""
         self.check_admission()
-        self.admission.load.started()
-        try:
+        with self.admission.counted():
             yield
-        finally:
-            self.admission.load.finished()
-
-    def failed(self, error: V2Error) -> V2Error:
-        """Count a refused request in ``imgclf_errors_total`` (by kind) and hand the error back."""
-        if self.on_error is not None:
-            self.on_error(error.kind)
-        return error
 
     # --- inference ---------------------------------------------------------------------------------------
     async def infer(self, served: ServedModel, request: InferRequest, facts: ModelFacts) -> list[OutputTensor]:
@@ -179,13 +153,13 @@ class V2Service:
             tensors = await self._decode(served, request.images)
         else:
             tensors = list(request.pixels)
-        rows = await asyncio.gather(*(served.infer_logits(t) for t in tensors))
-        logits = np.stack(rows)
-        probabilities = softmax(logits, served.manifest.temperature)  # what served.infer does, row by row
-        verdicts = self.monitor.verdicts(served, probabilities, request.min_score, images=request.images,
-                                         route="/v2/infer")
+        logits = np.stack(await asyncio.gather(*(served.infer(t) for t in tensors)))
+        images = request.images or (None,) * len(logits)
+        answers = [self.monitor.answer(served, row, SAMPLED_TOP_K, request.min_score, data=image, route="/v2/infer")
+                   for row, image in zip(logits, images, strict=True)]
+        probabilities = np.stack([a.probabilities for a in answers])
         outputs = build_outputs(request, facts, probabilities, logits if request.wants_logits else None)
-        return V2Answer(outputs, confidence_parameters(verdicts))
+        return V2Answer(outputs, confidence_parameters([a.verdict for a in answers]))
 
     async def _decode(self, served: ServedModel, images: tuple[bytes, ...]) -> list[np.ndarray]:
         spec = served.manifest.preprocessing
