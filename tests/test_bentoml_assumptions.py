@@ -15,11 +15,13 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import pytest
 
 from service.http import bento
+from service.http.errors import ServiceError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = "BentoML changed under service/http/bento.py: fix that module for the installed BentoML"
@@ -103,25 +105,30 @@ def test_fail_tasks_fails_running_tasks_and_leaves_finished_ones(tmp_path: Path)
     store = tmp_path / "task_result.db"
     Sqlite3Store.init_db(str(store))
 
-    async def scenario() -> tuple[int, ResultStatus, ResultStatus]:
+    lost = ServiceError(500, "job_lost", "the worker died")
+
+    async def scenario() -> tuple[int, ResultStatus, ResultStatus, Any]:
         async with Sqlite3Store(str(store)) as tasks:  # open, as a serving worker holds it
             running = await tasks.new_entry("batch", _request(b"running"))
             done = await tasks.new_entry("batch", _request(b"done"))
             await tasks.set_result(done, Response("rows"), ResultStatus.COMPLETED)
             try:
-                marked = await asyncio.to_thread(bento.fail_tasks, store, [running, done, "no-such-task"])
+                marked = await asyncio.to_thread(bento.fail_tasks, store, [running, done, "no-such-task"], lost)
             except sqlite3.Error as exc:
                 pytest.fail(f"{FIX}: fail_tasks' SQL no longer fits BentoML's task table "
                             f"(_bentoml_impl/tasks/result.py, Sqlite3Store.init_db): {exc}")
-            return marked, (await tasks.get_status(running)).status, (await tasks.get_status(done)).status
+            result = (await tasks.get(running)).result  # what BentoML's /get answers
+            return marked, (await tasks.get_status(running)).status, (await tasks.get_status(done)).status, result
 
-    marked, running_status, done_status = asyncio.run(scenario())
+    marked, running_status, done_status, result = asyncio.run(scenario())
+    assert (result.status_code, json.loads(result.body)) == (500, json.loads(lost.body())), (
+        f"{FIX}: BentoML no longer reads back the result fail_tasks writes (_bentoml_impl/tasks/serde.py)")
     assert running_status is ResultStatus.FAILED, (
         f"{FIX}: fail_tasks left a running task {running_status.value!r} in BentoML's task store")
     assert done_status is ResultStatus.COMPLETED, f"{FIX}: fail_tasks changed a completed task to {done_status.value!r}"
     assert marked == 1, f"{FIX}: fail_tasks reported {marked} tasks marked, 1 expected"
     assert all(done is not None for _, done in _rows(store).values()), f"{FIX}: completed_at not set: {_rows(store)}"
-    assert bento.fail_tasks(tmp_path / "absent.db", ["x"]) == 0 and not (tmp_path / "absent.db").exists()
+    assert bento.fail_tasks(tmp_path / "absent.db", ["x"], lost) == 0 and not (tmp_path / "absent.db").exists()
 
 
 def test_a_queued_task_finds_its_id_on_the_request_state(tmp_path: Path) -> None:

@@ -256,6 +256,8 @@ def test_a_job_whose_worker_dies_reports_failed_and_a_restart_forgets_jobs(repo,
             except Exception:  # noqa: BLE001 - the worker is being replaced
                 status = None
         assert "marked 1 batch job(s) failed" in server.log.read_text()
+        lost = server.client.get("/batch/get", params={"task_id": task["task_id"]})  # was a 500 with a TypeError
+        assert (lost.status_code, lost.json()["kind"]) == (500, "job_lost") and "submit" in lost.json()["error"]
     with serve(repo.root, home) as server:  # a whole restart: BentoML recreates its task store
         for old in (done.json()["task_id"], task["task_id"]):
             answer = server.client.get("/batch/status", params={"task_id": old})

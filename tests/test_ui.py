@@ -12,9 +12,7 @@ nothing asserts a duration.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from tests.support.browser import (
     slow_uplink,
     wait_for,
 )
-from tests.support.servers import NAME, copy_repo, serve
+from tests.support.servers import NAME, add_model, copy_repo, serve
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +42,6 @@ XSS = '<img src=x onerror="window.__xss = 1">'
 CATS = {"tiger cat", "Egyptian cat", "tabby"}
 UPLOAD_LIMIT = 2_000_000
 NOT_AN_IMAGE = b"these are notes, not a photo\n" * 20
-
-
-def add_model(root: Path, name: str, label_prefix: str = "") -> None:
-    """A second model: the version folder copied under ``name``, its manifest renamed (labels prefixed)."""
-    shutil.copytree(root / NAME, root / name)
-    path = root / name / "1" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["name"] = name
-    manifest["labels"] = [label_prefix + label for label in manifest["labels"]]
-    path.write_text(json.dumps(manifest, indent=2))
 
 
 @pytest.fixture(scope="module")

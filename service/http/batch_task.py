@@ -16,7 +16,7 @@ from service.atomic import atomic_write_text, pid_alive
 from service.batch.archive import ArchiveLimits
 from service.http.bento import fail_tasks
 from service.http.classify import form_options
-from service.http.errors import Overloaded
+from service.http.errors import Overloaded, ServiceError
 from service.http.live import LiveCatalog
 from service.settings import Settings
 
@@ -88,7 +88,9 @@ class JobClaims:
                 continue
             orphans.append(path.stem)
             path.unlink(missing_ok=True)
-        if fail_tasks(self.store, orphans):
+        lost = ServiceError(500, "job_lost", "the worker running this job stopped before it finished (killed, "
+                            "or out of memory); submit the archive again")
+        if fail_tasks(self.store, orphans, lost):
             log.warning("marked %d batch job(s) failed: their worker died while running them: %s",
                         len(orphans), orphans)
         return orphans

@@ -10,14 +10,18 @@ so an upgrade that breaks one fails there, naming it, instead of in production. 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sqlite3
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from _bentoml_impl.tasks.serde import JSONSerde
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml.exceptions import BentoMLException
+from starlette.responses import JSONResponse
 
 from service.http.errors import ServiceError, record, service_error
 
@@ -49,20 +53,26 @@ def task_store() -> Path:
     return Path(BentoMLContainer.result_store_file.get())
 
 
-def fail_tasks(store: Path, task_ids: list[str]) -> int:
-    """Mark failed the tasks of ``task_ids`` still ``in_progress`` in BentoML's task ``store``.
+def fail_tasks(store: Path, task_ids: list[str], error: ServiceError) -> int:
+    """Mark failed the tasks of ``task_ids`` still ``in_progress`` in BentoML's task ``store``, with
+    ``error`` as their result.
 
     Tasks in any other state (completed, failed, canceled) and unknown ids are left alone. BentoML's
-    ``/status`` then answers ``failed``. Returns how many tasks were marked; nothing is done (0) when
-    ``task_ids`` is empty or the store does not exist.
+    ``/status`` then answers ``failed`` and its ``/get`` answers ``error`` (without a stored result it
+    answered a 500 with a TypeError's text). The result is written with BentoML's own serializer.
+    Returns how many tasks were marked; nothing is done (0) when ``task_ids`` is empty or the store
+    does not exist.
     """
     if not task_ids or not store.exists():
         return 0
+    answer = JSONResponse(json.loads(error.body()), error.status, {
+        k.decode("latin-1"): v.decode("latin-1") for k, v in error.headers})
+    result = asyncio.run(JSONSerde().serialize_response(answer))  # called off the event loop (a thread)
     with contextlib.closing(sqlite3.connect(store, timeout=30)) as db, db:
         cursor = db.executemany(
-            "UPDATE result SET status = 'failed', completed_at = CURRENT_TIMESTAMP "
+            "UPDATE result SET status = 'failed', result = ?, completed_at = CURRENT_TIMESTAMP "
             "WHERE task_id = ? AND status = 'in_progress'",
-            [(task,) for task in task_ids],
+            [(result, task) for task in task_ids],
         )
         return cursor.rowcount
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.http import bento, metrics
@@ -113,13 +114,14 @@ class Edge:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    def asgi(self, bentoml_app: ASGIApp) -> ASGIApp:
-        """The middleware stack of the module docstring over ``bentoml_app``."""
+    def asgi(self, bentoml_app: ASGIApp, count: Callable[[str], None] = metrics.count_error) -> ASGIApp:
+        """The middleware stack of the module docstring over ``bentoml_app``; ``count`` is told the kind of
+        every error answered (``imgclf_errors_total``)."""
         endpoints = table(self.worker, bentoml_app)
         app: ASGIApp = AdmissionControl(mount(endpoints, bentoml_app), self.worker.admission, [e.path for e in endpoints if e.admitted])
         app = RequestGuard(app, {e.path: e.upload for e in endpoints if e.upload}, self.worker.bodies)
         app = V2OpenAPI(app, self.worker.v2)
-        return _HttpOnly(ErrorResponses(app, metrics.count_error), bentoml_app)
+        return _HttpOnly(ErrorResponses(app, count), bentoml_app)
 
 
 class _HttpOnly:

@@ -6,6 +6,7 @@ fixture), copied before it is changed, and a real server started with ``serve``.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,16 @@ def add_copy(repo: ModelRepository, source: int = 1) -> int:
         return src.manifest.model_copy(update={"version": version, "files": {}})
 
     return repo.add_version(NAME, write).manifest.version
+
+
+def add_model(root: Path, name: str, label_prefix: str = "") -> None:
+    """A second model: the version folder copied under ``name``, its manifest renamed (labels prefixed)."""
+    shutil.copytree(root / NAME, root / name)
+    path = root / name / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["name"] = name
+    manifest["labels"] = [label_prefix + label for label in manifest["labels"]]
+    path.write_text(json.dumps(manifest, indent=2))
 
 
 def corrupt(repo: ModelRepository, version: int) -> None:
