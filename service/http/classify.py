@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, cast
+from typing import Annotated, TypeVar, cast
 
-import numpy as np
 from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,9 +27,10 @@ from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
 from service.http.schemas import BatchItem, BatchResponse, ClassifyResponse, ErrorOut, PredictionOut
 from service.http.served import ServedModel
-from service.preprocessing import DecodeLimits, image_to_tensor
+from service.preprocessing import DecodeLimits, PreprocessSpec, image_to_tensor
 from service.selective import parse_min_score
 
+T = TypeVar("T")
 FORM = "imgclf.form"  # the scope key under which the guard leaves the parsed form
 
 
@@ -105,14 +106,16 @@ def predictions_of(answer: Answer, k: int) -> list[PredictionOut]:
     return [PredictionOut(label=p.label, index=p.index, score=p.score) for p in answer.predictions[:k]]
 
 
-async def tensor_for(data: bytes, served: ServedModel, limits: DecodeLimits) -> tuple[np.ndarray, float]:
-    """Decode and preprocess in one thread call, timed (ImageInputError for the client's mistakes).
-    Returns (tensor, ms)."""
+async def preprocessed(data: bytes, served: ServedModel, limits: DecodeLimits,
+                       prepare: Callable[[bytes, PreprocessSpec, DecodeLimits], T] = image_to_tensor) -> tuple[T, float]:
+    """One image through ``served``'s preprocessing in one thread call, timed in imgclf_preprocess_seconds,
+    for every front door (``prepare``: ``image_to_tensor``, or /explain's ``prepare`` that keeps the crop).
+    Returns (result, ms); an undecodable image raises ImageInputError (its 4xx: ``service_error``)."""
     start = time.perf_counter()
-    tensor = await asyncio.to_thread(image_to_tensor, data, served.manifest.preprocessing, limits)
+    result = await asyncio.to_thread(prepare, data, served.manifest.preprocessing, limits)
     seconds = time.perf_counter() - start
     metrics.PREPROCESS_SECONDS.labels(model=served.key).observe(seconds)
-    return tensor, seconds * 1000
+    return result, seconds * 1000
 
 
 async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top_k: int,
@@ -121,7 +124,7 @@ async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top
     started = time.perf_counter()
     monitor = monitor or Monitor.quiet()
     with live.current.select(model, top_k).lease() as served:  # no await between pick and lease
-        tensor, prep_ms = await tensor_for(data, served, limits)
+        tensor, prep_ms = await preprocessed(data, served, limits)
         answer = monitor.answer(served, await served.infer(tensor), top_k, min_score, data=data, route="/classify")
         return ClassifyResponse(
             model=served.manifest.name, version=served.manifest.version, **trust_fields(answer),
@@ -142,7 +145,7 @@ async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int
 
         async def one(index: int, data: bytes) -> BatchItem:
             try:
-                tensor, _ = await tensor_for(data, served, limits)
+                tensor, _ = await preprocessed(data, served, limits)
             except Exception as exc:
                 error = service_error(exc)
                 if error is None:

@@ -148,7 +148,7 @@ class ErrorResponses:
             if error is None or started:
                 raise
             self.counted(error)
-            await send_response(send, error.status, error.body(), error.headers)
+            await send_response(send, error.status, error.body(), error.headers, head=scope["method"] == "HEAD")
 
 
 class _Rewriter:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -27,9 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.cam import ExplainError
-from service.explainer import ExplainResult, PreparedImage, prepare
-from service.http import metrics
-from service.http.classify import ParsedForm
+from service.explainer import ExplainResult, prepare
+from service.http.classify import ParsedForm, preprocessed
 from service.http.errors import ServiceError
 from service.http.explainers import Explainers
 from service.http.live import LiveCatalog
@@ -71,13 +69,6 @@ def _json_or_text(text: str) -> object:
         return text
 
 
-async def _prepared(data: bytes, served: ServedModel, limits: DecodeLimits) -> PreparedImage:
-    start = time.perf_counter()
-    image = await asyncio.to_thread(prepare, data, served.manifest.preprocessing, limits)  # ImageInputError: 4xx
-    metrics.PREPROCESS_SECONDS.labels(model=served.key).observe(time.perf_counter() - start)
-    return image
-
-
 async def explain_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, options: ExplainOptions,
                       explainers: Explainers) -> ExplainResult:
     """One image's explanation with the model the request names (ServiceError for the client's mistakes)."""
@@ -90,7 +81,7 @@ async def explain_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, opti
             explainer.check_target(options.target)
         except ExplainError as exc:
             raise ServiceError(400, "invalid_target", str(exc)) from exc
-        image = await _prepared(data, served, limits)
+        image, _ = await preprocessed(data, served, limits, prepare)
         if explainer.feature_output is not None:
             logits, features = await served.infer_outputs(image.tensor, (explainer.feature_output,))
             return _judged(await asyncio.to_thread(explainer.from_features, image, logits, features, options.target),

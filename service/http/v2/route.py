@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from service.http.body import BodyReader
-from service.http.errors import Receive, Scope, Send, ServiceError
+from service.http.errors import Receive, Scope, Send, ServiceError, send_response
 from service.http.v2 import rest
 from service.http.v2.encoding import content_encoding, inflate
 from service.http.v2.errors import V2Error
@@ -137,7 +137,8 @@ class V2App:
 
 
 async def _send(send: Send, answer: rest.RestResponse, method: str) -> None:
-    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-    headers += [(b"content-length", str(len(answer.body)).encode())]
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else answer.body})
+    headers = {k.lower(): v for k, v in answer.headers.items()}
+    content_type = headers.pop("content-type", rest.JSON_TYPE)
+    await send_response(send, answer.status, answer.body, [(k.encode("latin-1"), v.encode("latin-1"))
+                                                           for k, v in headers.items()],
+                        content_type.encode("latin-1"), head=method == "HEAD")

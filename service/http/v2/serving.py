@@ -23,16 +23,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.http import metrics
 from service.http.admission import Admission
 from service.http.catalog import Catalog
+from service.http.classify import preprocessed
 from service.http.errors import ServiceError
 from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
@@ -41,7 +40,7 @@ from service.http.v2.errors import V2Error, image_error, parse_version, unknown_
 from service.http.v2.facts import ModelFacts
 from service.http.v2.outputs import OutputTensor, build_outputs
 from service.http.v2.request import InferRequest
-from service.preprocessing import DecodeLimits, ImageInputError, image_to_tensor
+from service.preprocessing import DecodeLimits, ImageInputError
 from service.repository import MODEL_FILE
 from service.selective import Verdict
 from service.settings import Settings
@@ -162,14 +161,8 @@ class V2Service:
         return V2Answer(outputs, confidence_parameters([a.verdict for a in answers]))
 
     async def _decode(self, served: ServedModel, images: tuple[bytes, ...]) -> list[np.ndarray]:
-        spec = served.manifest.preprocessing
-        histogram = metrics.PREPROCESS_SECONDS.labels(model=served.key)
-
         async def one(data: bytes) -> np.ndarray:
-            start = time.perf_counter()
-            tensor = await asyncio.to_thread(image_to_tensor, data, spec, self.limits)
-            histogram.observe(time.perf_counter() - start)
-            return tensor
+            return (await preprocessed(data, served, self.limits))[0]
 
         results = await asyncio.gather(*(one(d) for d in images), return_exceptions=True)
         for index, result in enumerate(results):  # the first bad image, by index; none of them is scored
