@@ -73,6 +73,7 @@ def legacy_copy(repo: Path) -> None:
 
 def in_process(version: Any, images: list[bytes], rounds: int) -> dict[str, Any]:
     """ms per image, one at a time, without HTTP: classification against explanation (JSON body included)."""
+    from service.answer import answer
     from service.explainer import Explainer
     from service.preprocessing import image_to_tensor
     from service.runtime import OnnxModel
@@ -83,7 +84,7 @@ def in_process(version: Any, images: list[bytes], rounds: int) -> dict[str, Any]
     spec = version.manifest.preprocessing
 
     def classify(data: bytes) -> None:
-        model.top_k(model.probabilities(image_to_tensor(data, spec)[None])[0], 5)
+        answer(model.logits(image_to_tensor(data, spec)[None])[0], version.manifest, 5)
 
     def explain(data: bytes) -> None:
         explainer.explain(data).json_bytes()

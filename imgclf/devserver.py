@@ -77,11 +77,13 @@ class LiveServer:
 def running_server(
     repo: Path | None, home: Path, env: Mapping[str, str] | None = None, *, command: Sequence[str] | None = None,
     port: int | None = None, timeout_s: float = 120, client_timeout_s: float = 30, ready_path: str = "/readyz",
+    cwd: Path | None = None,
 ) -> Iterator[LiveServer]:
     """`imgclf serve --repo REPO` (or ``command``, which must listen on ``port``) with ``env`` added.
 
-    ``home`` holds BENTOML_HOME and ``server.log``. Raises RuntimeError with the log's tail when the
-    server exits or is not ready within ``timeout_s``.
+    ``home`` holds BENTOML_HOME and ``server.log``. ``cwd`` (default: this checkout) is where BentoML
+    imports the service from, so another checkout serves its own code. Raises RuntimeError with the
+    log's tail when the server exits or is not ready within ``timeout_s``.
     """
     port = port or free_port()
     if command is None:
@@ -93,7 +95,7 @@ def running_server(
     log_path = home / "server.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(command), cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(list(command), cwd=cwd or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, timeout=client_timeout_s)

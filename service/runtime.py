@@ -2,7 +2,8 @@
 
 The CUDA provider is used when asked for and present; ``cuda`` without a working CUDA provider is an
 error, never a silent CPU fallback. :class:`OnnxModel` is what batch jobs, export checks and the
-HTTP side share; the HTTP side adds its batching queue around it (``service.http.served``).
+HTTP side share; the HTTP side adds its batching queue around it (``service.http.batching``), and
+answers are made from its logits by ``service.answer``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 WARMUP_BATCH_SIZES = (1, 8, 32)
 
 
-class EngineError(RuntimeError):
-    pass
+class SessionError(RuntimeError):
+    """An ONNX Runtime session cannot run: the device is missing, or the session was released."""
 
 
 def check_device(device: Device) -> None:
-    """Raise EngineError when ``device`` cannot work here at all (a start-up error, not one model's)."""
+    """Raise SessionError when ``device`` cannot work here at all (a start-up error, not one model's)."""
     available = ort.get_available_providers()
     if device == "cuda" and CUDA not in available:
-        raise EngineError(f"IMGCLF_DEVICE=cuda but onnxruntime has no CUDA provider (available: {available})")
+        raise SessionError(f"IMGCLF_DEVICE=cuda but onnxruntime has no CUDA provider (available: {available})")
 
 
 def create_session(
@@ -54,7 +55,7 @@ def create_session(
     model = model_path if isinstance(model_path, bytes) else str(Path(model_path))
     session = ort.InferenceSession(model, sess_options=options, providers=providers)
     if device == "cuda" and session.get_providers()[0] != CUDA:
-        raise EngineError(f"CUDA provider failed to start; the session runs on {session.get_providers()}")
+        raise SessionError(f"CUDA provider failed to start; the session runs on {session.get_providers()}")
     log.debug("loaded a session on %s", session.get_providers()[0])
     return session
 
@@ -130,7 +131,7 @@ class OnnxModel:
 
     def _session(self) -> ort.InferenceSession:
         if self.session is None:
-            raise EngineError(f"{self.key} has released its session")
+            raise SessionError(f"{self.key} has released its session")
         return self.session
 
     def warm_up(self, max_batch_size: int = max(WARMUP_BATCH_SIZES)) -> None:
@@ -152,8 +153,6 @@ class OnnxModel:
         return run_outputs(session, [logits_output(session) if n == LOGITS else n for n in names], batch)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a batch (temperature from the manifest)."""
+        """Calibrated class probabilities for a batch (temperature from the manifest): whole-array scoring for
+        evaluations; an answer to a request is ``service.answer.answer``."""
         return softmax(self.logits(batch), self.manifest.temperature)
-
-    def top_k(self, probs: np.ndarray, k: int) -> list[Prediction]:
-        return top_k(probs, self.manifest.labels, k)

@@ -220,7 +220,7 @@ def test_served_model_runs_one_call_per_batch_with_every_output_asked_for() -> N
 
 
 def test_retirement_waits_for_the_last_lease_then_stops_the_task_and_drops_the_session() -> None:
-    from service.http.served import EngineRetiredError, ServedModel
+    from service.http.served import ModelRetiredError, ServedModel
 
     model = FakeModel()
     served = ServedModel(model, max_batch_size=4, batch_wait_ms=0)  # type: ignore[arg-type]
@@ -232,12 +232,12 @@ def test_retirement_waits_for_the_last_lease_then_stops_the_task_and_drops_the_s
             served.retire()
             assert not served.closed  # the request in flight keeps its session ...
             await held.infer(x)
-            with pytest.raises(EngineRetiredError), served.lease():
+            with pytest.raises(ModelRetiredError), served.lease():
                 pass  # ... but no new request gets the model
         assert served.closed and model.session is None  # ... and the session went with the last lease
         assert served._task is not None
         await served._task  # the batching task ended by itself
-        with pytest.raises(EngineRetiredError):
+        with pytest.raises(ModelRetiredError):
             await served.infer(x)
 
     asyncio.run(scenario())

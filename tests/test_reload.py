@@ -175,11 +175,11 @@ def test_corrupt_version_is_refused_and_the_old_keeps_serving(server: LiveServer
 
 
 def test_memory_stays_flat_over_twenty_reloads(server: LiveServer, repo: ModelRepository) -> None:
-    """Retired engines release their sessions: RSS after 20 alternating reloads stays below one leaked session."""
+    """Retired models release their sessions: RSS after 20 alternating reloads stays below one leaked session."""
 
     def cycle(version: int) -> None:
         switch_to(server, repo, version)
-        assert served_version(server.client) == version  # the new engine starts its batching task
+        assert served_version(server.client) == version  # the new model starts its batching task
 
     for version in (2, 1, 2, 1):  # warm-up: allocators and caches reach their steady state
         cycle(version)
@@ -261,20 +261,20 @@ def test_catalog_reload_swap_lease_and_retire(imagenet_repo: Path, tmp_path: Pat
     async def scenario() -> None:
         old = live.current.pick(None)
         with live.lease(None) as held:
-            await held.infer(tensor)  # starts the old engine's batching task
+            await held.infer(tensor)  # starts the old model's batching task
             repo.promote(NAME, v2)
             catalog, changes = await live.reload()
             assert [c.__dict__ for c in changes] == [{"name": NAME, "old": 1, "new": v2}]
             assert live.current is catalog and list(catalog.models) == [f"{NAME}:{v2}"]
             assert swaps[-1] == ([f"{NAME}:{v2}"], [f"{NAME}:1"])
-            assert not held.closed  # the request in flight keeps its engine
+            assert not held.closed  # the request in flight keeps its model
             await held.infer(tensor)
         assert old.closed and old.model.session is None  # ... and the session went when its last lease ended
         await asyncio.sleep(0.05)
         assert old._task is not None and old._task.done()  # its batching task stopped
-        with live.lease(None) as engine:
-            assert engine.manifest.version == v2
-            await engine.infer(tensor)
+        with live.lease(None) as served:
+            assert served.manifest.version == v2
+            await served.infer(tensor)
 
         again, changes = await live.reload()  # nothing changed: the same catalog, nothing reloaded
         assert again is live.current and changes == []

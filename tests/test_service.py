@@ -298,12 +298,12 @@ def test_cuda_requested_without_cuda_is_a_startup_error(repo_dir: Path) -> None:
     import onnxruntime
 
     from service.http.catalog import Catalog
-    from service.runtime import EngineError
+    from service.runtime import SessionError
     from service.settings import Settings
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has a CUDA provider")
-    with pytest.raises(EngineError, match="no CUDA provider"):
+    with pytest.raises(SessionError, match="no CUDA provider"):
         Catalog.load(Settings(model_repo=repo_dir, device="cuda"))
 
 

@@ -13,6 +13,7 @@ ceiling closes the round. Results: ``benchmarks/results/peers.{md,json}``; ratio
 round, then the median over rounds.
 
     python -m benchmarks.peers [--rounds 3] [--seconds 15] [--quick] [--servers imgclf-default triton ...]
+    python -m benchmarks.peers --servers imgclf-default triton --baseline ../before   # this tree against another
     python -m benchmarks.peers --render benchmarks/results/peers.json   # the report again, not measured again
 """
 
@@ -42,7 +43,7 @@ from benchmarks.peers.servers import (
 
 log = logging.getLogger("benchmarks.peers")
 SMALL_SIZES = [(500, 375), (375, 500)]
-ALL = ["imgclf-default", "imgclf-tuned", "triton", "torchserve"]
+ALL = ["imgclf-default", "imgclf-baseline", "imgclf-tuned", "triton", "torchserve"]
 
 
 def make_images(tmp: Path, distinct: int, megapixels: float) -> dict[str, list[bytes]]:
@@ -103,6 +104,14 @@ def code_state() -> dict[str, Any]:
             "uncommitted_paths": None if status is None else len(status.splitlines())}
 
 
+def _commit(checkout: Path | None) -> str:
+    if checkout is None:
+        return "-"
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    return head.stdout.strip() or str(checkout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, help="model repository with imagenet-lite0 (default: bootstrap one)")
@@ -115,6 +124,8 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=ALL, default=ALL)
     parser.add_argument("--setup-timeout", type=float, default=2400, help="seconds to make a peer's venv")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 s phases, 1 s warm-up")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT", help="another commit's tree (git worktree "
+                        "add DIR COMMIT) served as imgclf-baseline, default settings, in the same rounds")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the report from a results JSON")
     args = parser.parse_args()
@@ -142,12 +153,15 @@ def main() -> None:
         images = make_images(tmp / "images", args.distinct, args.megapixels)
         candidates = {
             "imgclf-default": imgclf_server("imgclf-default", "imgclf, default settings (no `IMGCLF_*`)", repo, {}),
+            "imgclf-baseline": imgclf_server("imgclf-baseline", f"imgclf at {_commit(args.baseline)}, default "
+                                             "settings", repo, {}, args.baseline),
             "imgclf-tuned": imgclf_server("imgclf-tuned", "imgclf, `IMGCLF_WORKERS=2 IMGCLF_INTRA_OP_THREADS=1`",
                                           repo, dict(TUNED_ENV)),
             "triton": triton_server(version, args.setup_timeout),
             "torchserve": torchserve_server(version, args.setup_timeout),
         }
-        servers = [candidates[k] for k in ALL if k in args.servers]
+        wanted = {*args.servers, "imgclf-baseline"} if args.baseline else set(args.servers) - {"imgclf-baseline"}
+        servers = [candidates[k] for k in ALL if k in wanted]
         for server in servers:
             try:
                 server.info = server.prepare(tmp / "setup")

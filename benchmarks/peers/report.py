@@ -5,7 +5,13 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-DEFAULT, TUNED = "imgclf-default", "imgclf-tuned"
+DEFAULT, TUNED, BASELINE = "imgclf-default", "imgclf-tuned", "imgclf-baseline"
+VS_BASELINE = [  # phase, figure, text: this tree / the baseline checkout, within each round
+    ("small", "images_per_s", "c=32 img/s (higher is better)"),
+    ("large", "images_per_s", "12 MP c=8 img/s (higher is better)"),
+    ("small", "server_core_ms_per_image", "server core-ms per image, small JPEG (lower is better)"),
+    ("large", "server_core_ms_per_image", "server core-ms per image, 12 MP (lower is better)"),
+]
 GOALS = [  # key, text, direction, target
     ("c32_vs_triton", "c=32 img/s, imgclf default / Triton", ">=", 1.15),
     ("c32_vs_ceiling", "c=32 img/s, imgclf default / in-process ceiling", ">=", 0.95),
@@ -74,7 +80,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     ceiling_range = {kind: [c[kind]["ceiling_images_per_s"] for r in rounds for c in r["ceilings"]]
                      for kind in ("small", "large")}
     goals = {}
-    for server in (DEFAULT, TUNED):
+    for server in (DEFAULT, TUNED, BASELINE):
         per_round = [round_ratios(r, server) for r in rounds]
         goals[server] = {key: {"values": [p[key] for p in per_round], "median": _median([p[key] for p in per_round]),
                                "direction": d, "target": t, "text": text} for key, text, d, t in GOALS}
@@ -202,6 +208,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"| (information) c=32 img/s / the ceiling on the cores other processes left free | - | "
                  f"{', '.join(_fmt(v) for v in free['values'])} | {_fmt(free['median'])} | - | "
                  f"{_fmt(tfree['median'])} |")
+    lines += _baseline_lines(results)
     lines += ["", "## Answers to bad images (sent together with good ones, so batching servers batch them)", ""]
     for key, server in results["servers"].items():
         checks = [r["servers"][key].get("sanity") for r in results["rounds"] if r["servers"].get(key, {}).get("sanity")]
@@ -227,3 +234,24 @@ def markdown(results: dict[str, Any]) -> str:
     if failures:
         lines += ["", "## Failures", ""] + [f"- round {i + 1}, {k}: {e}" for i, k, e in failures]
     return "\n".join(lines) + "\n"
+
+
+def _baseline_lines(results: dict[str, Any]) -> list[str]:
+    """This tree against ``--baseline``'s checkout, as ratios within each round (only when one was served)."""
+    if BASELINE not in results["servers"]:
+        return []
+    lines = ["", f"## Against the baseline ({results['servers'][BASELINE]['label']}; ratios within each round)", "",
+             "| this tree / baseline | per round | median |", "|---|---|---|"]
+    for kind, name, text in VS_BASELINE:
+        ratios = []
+        for rnd in results["rounds"]:
+            ours, base = rnd["servers"].get(DEFAULT, {}), rnd["servers"].get(BASELINE, {})
+            a = ours.get(kind, {}).get(name) if ours.get("ok") else None
+            b = base.get(kind, {}).get(name) if base.get("ok") else None
+            ratios.append(a / b if a is not None and b else None)
+        lines.append(f"| {text} | {', '.join(_fmt(v) for v in ratios)} | {_fmt(_median(ratios))} |")
+    base = results["summary"]["goals"][BASELINE]
+    for key in ("c32_vs_triton", "mp12_c8_vs_triton"):
+        lines.append(f"| (the baseline's own) {base[key]['text'].replace('imgclf default', 'baseline')} | "
+                     f"{', '.join(_fmt(v) for v in base[key]['values'])} | {_fmt(base[key]['median'])} |")
+    return lines

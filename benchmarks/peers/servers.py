@@ -86,10 +86,14 @@ def _host(url: str) -> str:
     return url.split("://", 1)[1]
 
 
-def imgclf_server(key: str, label: str, repo: Path, env: dict[str, str]) -> Server:
+def imgclf_server(key: str, label: str, repo: Path, env: dict[str, str], checkout: Path | None = None) -> Server:
+    """imgclf serving ``repo``; ``checkout``: another commit's tree (a git worktree) serves its own code."""
+    if checkout is not None:  # BentoML imports the service from its working directory, its workers too
+        env = {**env, "PYTHONPATH": str(checkout)}
+
     @contextmanager
     def start(work: Path) -> Iterator[Running]:
-        with running_server(repo, work, env, timeout_s=180) as srv:
+        with running_server(repo, work, env, timeout_s=180, cwd=checkout) as srv:
             host = _host(srv.url)
             yield Running(srv.url, srv.proc.pid, lambda d: multipart_request(host, "/classify", "image", "image.jpg", d),
                           srv.ready_s, srv.log, lambda: {"worker_processes": _bentoml_workers(srv.proc.pid)})

@@ -30,7 +30,7 @@ TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'imgclf[t
 USER_ERRORS = (
     "service.repository:RepositoryError",  # unknown model or version, failed verification
     "service.preprocessing:ImageInputError",
-    "service.runtime:EngineError",  # e.g. IMGCLF_DEVICE=cuda without a CUDA provider
+    "service.runtime:SessionError",  # e.g. IMGCLF_DEVICE=cuda without a CUDA provider
     "service.batch.inputs:InputError",
     "service.batch.job_state:JobStateError",
     "training.config:ConfigError",

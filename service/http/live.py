@@ -50,7 +50,7 @@ class LiveCatalog:
         self._current = catalog
 
     def serve(self, catalog: Catalog) -> None:
-        """Start serving ``catalog`` (the worker's first load); middleware built before it see it from now on."""
+        """Start serving ``catalog`` (the worker's first load)."""
         self._current = catalog
         if self.on_swap is not None:
             self.on_swap(list(catalog.models.values()), [])

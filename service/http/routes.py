@@ -89,7 +89,14 @@ class _Row(BaseRoute):
 
 def mount(endpoints: list[Endpoint], default: ASGIApp) -> Router:
     """Starlette's router over the rows that have a handler; any other path goes to ``default`` (BentoML)."""
-    return Router([_Row(e) for e in endpoints if e.handler is not None], redirect_slashes=False, default=default)
+
+    async def unrouted(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("router") is router:  # BentoML's own router must see no other (url_for, mounts)
+            del scope["router"]
+        await default(scope, receive, send)
+
+    router = Router([_Row(e) for e in endpoints if e.handler is not None], redirect_slashes=False, default=unrouted)
+    return router
 
 
 def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:

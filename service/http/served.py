@@ -27,7 +27,7 @@ import numpy as np
 from service.http.batching import BatchQueue
 from service.manifest import Manifest
 from service.memory import release_memory
-from service.runtime import LOGITS, EngineError, OnnxModel
+from service.runtime import LOGITS, SessionError, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ BatchHook = Callable[["ServedModel", int, float], None]  # (model, batch size, s
 Item = tuple[np.ndarray, tuple[str, ...]]  # one image's tensor and the extra graph outputs it asks for
 
 
-class EngineRetiredError(EngineError):
+class ModelRetiredError(SessionError):
     """The model was replaced by a reload and has released its session; pick the current one."""
 
 
@@ -86,7 +86,7 @@ class ServedModel:
     def lease(self) -> Iterator[ServedModel]:
         """Hold the model for one request: a reload retires it only after every lease ends."""
         if self._retired:
-            raise EngineRetiredError(f"{self.key} was retired by a reload")
+            raise ModelRetiredError(f"{self.key} was retired by a reload")
         self._leases += 1
         try:
             yield self
@@ -130,7 +130,7 @@ class ServedModel:
 
     async def _submit(self, tensor: np.ndarray, extra: tuple[str, ...]) -> Any:
         if self.model.session is None or self._batches.closed:  # fail fast: the queue takes no more
-            raise EngineRetiredError(f"{self.key} was retired by a reload")
+            raise ModelRetiredError(f"{self.key} was retired by a reload")
         return await self._batches.submit((tensor, extra))
 
     def _run_batch(self, items: list[Item]) -> list[Any]:

@@ -12,10 +12,10 @@ Every client mistake is a :class:`V2Error` (status + message; REST body ``{"erro
 Modules: ``facts`` (what a model offers; metadata, config, server metadata), ``request`` (validation),
 ``tensors`` (wire formats), ``outputs`` (probabilities, logits, classification), ``rest``,
 ``grpc_codec``, ``schemas`` (pydantic, for the OpenAPI document), ``proto`` (generated stubs).
-Those import nothing of BentoML or Starlette. The application side, wired in ``service.http.app``:
-``serving`` (what both transports share with /classify: models, admission, decoding, the batching
-queue), ``route`` (the REST routes, an ASGI middleware), ``grpc_server`` (``grpc.aio`` in each worker),
-``openapi`` (the V2 routes in ``/docs.json``).
+Those import nothing of BentoML or Starlette. The application side, wired in ``service.http.edge``
+and ``service.http.routes``: ``serving`` (what both transports share with /classify: models,
+admission, decoding, the batching queue), ``route`` (the REST routes, one ASGI app in the route
+table), ``grpc_server`` (``grpc.aio`` in each worker), ``openapi`` (the V2 routes in ``/docs.json``).
 """
 
 from service.http.v2.errors import (
