@@ -129,3 +129,32 @@ def test_a_refusal_is_counted_once(imagenet_repo: Path) -> None:
     assert counted == ["invalid_top_k"]
     bad = post(edge, "/classify", counted, files={"image": ("a.jpg", b"not an image")})
     assert bad.status_code == 415 and counted == ["invalid_top_k", "unsupported_format"]
+
+
+def test_the_repository_extension_lists_loads_and_refuses_to_unload(imagenet_repo: Path, tmp_path: Path) -> None:
+    """Triton's model repository extension over V2: the index is public; load (promote + reload) and
+    unload are admin actions behind IMGCLF_ADMIN_TOKEN."""
+    from tests.support.servers import add_copy
+
+    repo = copy_repo(imagenet_repo, tmp_path / "models")
+    second = add_copy(repo)  # registered, not promoted
+    edge = edge_for(repo.root, admin_token="secret")
+    index = post(edge, "/v2/repository/index").json()
+    ready = {(e["name"], e["version"]) for e in index if e["state"] == "READY"}
+    assert ready == {(NAME, "1"), (f"{NAME}.pixels", "1"), (f"{NAME}.image", "1")}, index
+    assert [e for e in index if e["state"] == "UNAVAILABLE"] == [
+        {"name": NAME, "version": str(second), "state": "UNAVAILABLE", "reason": index[-1]["reason"]}]
+    assert post(edge, "/v2/repository/index", json={"ready": True}).json() == [e for e in index if e["state"] == "READY"]
+
+    load = f"/v2/repository/models/{NAME}/load"
+    refused = post(edge, load, json={"parameters": {"version": str(second)}})
+    assert refused.status_code == 401 and refused.json().keys() == {"error"}, refused.text  # V2's shape
+    assert edge.worker.live.current.versions(NAME) == [1]
+    auth = {"Authorization": "Bearer secret"}
+    loaded = post(edge, load, json={"parameters": {"version": str(second)}}, headers=auth)
+    assert (loaded.status_code, loaded.json()) == (200, {}), loaded.text
+    assert edge.worker.live.current.versions(NAME) == [second]  # promoted, then this worker reloaded
+    unknown = post(edge, "/v2/repository/models/resnet/load", headers=auth)
+    assert unknown.status_code == 404 and "resnet" in unknown.json()["error"]
+    unload = post(edge, f"/v2/repository/models/{NAME}/unload", headers=auth)
+    assert unload.status_code == 409 and "IMGCLF_MODELS" in unload.json()["error"]

@@ -57,7 +57,7 @@ def test_admin_is_off_without_a_token() -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from service.http.admin import PREFIX, AdminRoute
+    from service.http.admin import PREFIX, AdminRoute, AdminToken
     from service.http.errors import ErrorResponses
     from service.http.live import LiveCatalog
     from service.http.routes import Endpoint, mount
@@ -66,7 +66,7 @@ def test_admin_is_off_without_a_token() -> None:
     inner = Starlette(routes=[Route("/ping", lambda _: PlainTextResponse("pong"))])
     for token in (None, ""):
         settings = Settings.from_env({} if token is None else {"IMGCLF_ADMIN_TOKEN": token})
-        admin = AdminRoute(live=LiveCatalog(settings), token=settings.admin_token)
+        admin = AdminRoute(live=LiveCatalog(settings), token=AdminToken(settings.admin_token))
         app = ErrorResponses(mount([Endpoint(PREFIX, admin, prefix=True)], inner), count=lambda _kind: None)
         with TestClient(app) as client:
             for path in ("/admin/reload", "/admin", "/admin/anything"):

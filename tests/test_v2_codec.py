@@ -337,8 +337,8 @@ def test_model_config_for_perf_analyzer(facts: ModelFacts) -> None:
 
 def test_server_metadata_and_version_routing() -> None:
     document = schemas.ServerMetadataResponse.model_validate(server_metadata())
-    assert document.name == "imgclf" and document.extensions == ["binary_tensor_data", "classification"]
-    assert grpc_codec.server_metadata_response().extensions == ["binary_tensor_data", "classification"]
+    assert document.name == "imgclf" and document.extensions == ["binary_tensor_data", "classification", "statistics", "model_repository"]
+    assert grpc_codec.server_metadata_response().extensions == ["binary_tensor_data", "classification", "statistics", "model_repository"]
     assert parse_version("pets", None, [2, 3]) is None and parse_version("pets", "2", [2, 3]) == 2
     with pytest.raises(V2Error, match="loaded versions: 2, 3") as info:
         parse_version("pets", "7", [2, 3])

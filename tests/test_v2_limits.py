@@ -141,7 +141,7 @@ def test_routes_are_matched_on_the_encoded_path() -> None:
     assert (match("/v2/models/m/versions/3").action, match("/v2/models/m/versions/3").version) == ("model", "3")
     assert match("/v2/models/m/ready/").action == "model_ready" and match("/v2/").action == "server"
     assert match("/v2/models/a%2Finfer").model == "a/infer"  # one segment, not the infer route
-    assert match("/v2/models/m/stats") is None and match("/v2/models") is None
+    assert match("/v2/models/m/bogus") is None and match("/v2/models") is None
 
 
 def test_the_openapi_extension_is_well_formed() -> None:

@@ -140,7 +140,7 @@ def test_rest_health_bodies_and_unknown_paths(v2: V2Server) -> None:
     for path, words in ((f"/v2/models/{NAME}/versions/7", "loaded versions: 1, 2"),
                         ("/v2/models/nope", "served models: imagenet-lite0"),
                         (f"/v2/models/{NAME}%2Fversions%2F1", "unknown model"),  # an encoded / stays in the name
-                        ("/v2/repository/index", "no V2 endpoint")):
+                        ("/v2/repository/nothing", "no V2 endpoint")):
         response = c.get(path)
         assert response.status_code == 404 and words in response.json()["error"], response.text
     wrong = c.get(f"/v2/models/{NAME}/infer")

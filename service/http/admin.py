@@ -50,15 +50,15 @@ def bearer_token(scope: Scope) -> bytes | None:
     return None
 
 
-class AdminRoute:
-    """Every ``/admin`` path: the token first (so nothing about the surface leaks), then the route."""
+class AdminToken:
+    """The bearer token of every admin surface (``/admin``, V2's repository load): compared in constant
+    time, never logged. No token set: the surface is off (404, as if absent)."""
 
-    def __init__(self, live: LiveCatalog, token: SecretStr | None) -> None:
-        self.live = live
+    def __init__(self, token: SecretStr | None) -> None:
         self._token = token.get_secret_value().encode() if token is not None else None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
+    def check(self, scope: Scope) -> None:
+        """Raise ServiceError 404 (off) or 401 (missing or wrong token, with ``WWW-Authenticate``)."""
         if self._token is None:
             raise ServiceError(404, "not_found", "admin endpoints are off: set IMGCLF_ADMIN_TOKEN to enable them")
         given = bearer_token(scope)
@@ -68,6 +68,18 @@ class AdminRoute:
         if not hmac.compare_digest(given, self._token):
             raise ServiceError(401, "unauthorized", "wrong admin token",
                                [(b"www-authenticate", CHALLENGE + b', error="invalid_token"')])
+
+
+class AdminRoute:
+    """Every ``/admin`` path: the token first (so nothing about the surface leaks), then the route."""
+
+    def __init__(self, live: LiveCatalog, token: AdminToken) -> None:
+        self.live = live
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        self.token.check(scope)
         if path.rstrip("/") != RELOAD:
             raise ServiceError(404, "not_found", f"no admin endpoint {path}; there is POST {RELOAD}")
         if scope["method"] != "POST":

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, NoMatchFound, Router, request_response
 
 from service.batch.archive import check_archive
-from service.http.admin import AdminRoute
+from service.http.admin import AdminRoute, AdminToken
 from service.http.batch_task import JobFields, archive_limits
 from service.http.classify import ClassifyRoutes
 from service.http.errors import ASGIApp, Receive, Scope, Send, ServiceError
@@ -107,6 +107,7 @@ def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:
                           check=partial(check_archive, limits=archive_limits(s)), in_memory=False)
     classify = ClassifyRoutes(worker.live, worker.limits, s.max_batch_images, worker.monitor)
     models = ModelsRoute(worker)
+    admin = AdminToken(s.admin_token)  # /admin and V2's repository load and unload
     return [
         Endpoint("/classify", classify.classify, ("POST",), image(other_fields=CLASSIFY_FIELDS), admitted=True),
         Endpoint("/classify_batch", classify.classify_batch, ("POST",),
@@ -120,8 +121,8 @@ def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:
         Endpoint("/models/", models),
         Endpoint("/readyz", ReadyRoute(worker, bentoml_app)),
         Endpoint("/ui", UiRoute(), prefix=True),
-        Endpoint("/admin", AdminRoute(worker.live, s.admin_token), prefix=True),
-        Endpoint("/v2", V2App(worker.v2, worker.bodies, s.max_request_bytes), prefix=True),
+        Endpoint("/admin", AdminRoute(worker.live, admin), prefix=True),
+        Endpoint("/v2", V2App(worker.v2, worker.bodies, s.max_request_bytes, admin), prefix=True),
     ]
 
 

@@ -5,6 +5,9 @@ signature, while here every model (and every version a reload brings) has its ow
 image is decoded and validated alone before it joins a batch, so a bad image never fails others. The
 queue itself is :class:`service.http.batching.BatchQueue`, which knows nothing about ONNX; what is
 model-specific (stack the tensors, one ONNX Runtime call, split the rows) is :meth:`ServedModel._run_batch`.
+It times those three phases of every batch (:class:`~service.http.stats.BatchRun`, recorded in
+:attr:`ServedModel.executions` for Triton's statistics) and each item learns its wait in the queue and
+its batch's phases (:meth:`ServedModel.infer_timed`).
 
 Lifecycle under hot reload: a request holds a :meth:`ServedModel.lease` from picking the model to its
 answer; :meth:`retire` marks a replaced model, and once its last lease ends the batching task stops
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,14 +29,16 @@ from typing import Any
 import numpy as np
 
 from service.http.batching import BatchQueue
+from service.http.stats import BatchRun, Executions, ItemTiming
 from service.manifest import Manifest
 from service.memory import release_memory
-from service.runtime import LOGITS, SessionError, OnnxModel
+from service.runtime import LOGITS, OnnxModel, SessionError
 
 log = logging.getLogger(__name__)
 
 BatchHook = Callable[["ServedModel", int, float], None]  # (model, batch size, seconds): metrics
-Item = tuple[np.ndarray, tuple[str, ...]]  # one image's tensor and the extra graph outputs it asks for
+# One image's tensor, the extra graph outputs it asks for and when it was submitted (perf_counter_ns).
+Item = tuple[np.ndarray, tuple[str, ...], int]
 
 
 class ModelRetiredError(SessionError):
@@ -45,11 +51,13 @@ class ServedModel:
     max_batch_size: int = 32
     batch_wait_ms: float = 2.0
     on_batch: BatchHook | None = field(default=None, repr=False)
+    executions: Executions = field(init=False, repr=False)  # every batch run, for Triton's statistics
     _batches: BatchQueue[Item, Any] = field(init=False, repr=False)
     _leases: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.executions = Executions()
         self._batches = BatchQueue(self._run_batch, self.max_batch_size, self.batch_wait_ms, self._observe)
 
     @property
@@ -118,6 +126,10 @@ class ServedModel:
     async def infer(self, tensor: np.ndarray) -> np.ndarray:
         """One image's logits; concurrent callers are batched together. Answers are made from them by
         ``service.answer.answer`` (the one place for temperature, top-k and the verdict)."""
+        return (await self._submit(tensor, ()))[0]
+
+    async def infer_timed(self, tensor: np.ndarray) -> tuple[np.ndarray, ItemTiming]:
+        """:meth:`infer`, and how long the image waited in the queue and what its batch's phases took."""
         return await self._submit(tensor, ())
 
     async def infer_outputs(self, tensor: np.ndarray, extra: tuple[str, ...]) -> tuple[np.ndarray, ...]:
@@ -126,22 +138,30 @@ class ServedModel:
         Same queue, same batches as :meth:`infer`: a batch runs once with every output its items ask for
         (the features lie on the way to the logits, so asking for them costs a copy, not a second pass).
         """
-        return await self._submit(tensor, extra)
+        return (await self._submit(tensor, extra))[0]
 
-    async def _submit(self, tensor: np.ndarray, extra: tuple[str, ...]) -> Any:
+    async def _submit(self, tensor: np.ndarray, extra: tuple[str, ...]) -> tuple[Any, ItemTiming]:
         if self.model.session is None or self._batches.closed:  # fail fast: the queue takes no more
             raise ModelRetiredError(f"{self.key} was retired by a reload")
-        return await self._batches.submit((tensor, extra))
+        submitted = time.perf_counter_ns()
+        row, run = await self._batches.submit((tensor, extra, submitted))
+        return row, ItemTiming(max(run.started_ns - submitted, 0), run)
 
-    def _run_batch(self, items: list[Item]) -> list[Any]:
-        """One ONNX Runtime call for the batch (in the queue's thread); an item with ``extra`` outputs
-        gets a ``(logits, *extra)`` row, the others their logits row."""
-        extra = tuple(dict.fromkeys(name for _, wanted in items for name in wanted))
-        batch = np.stack([tensor for tensor, _ in items])
+    def _run_batch(self, items: list[Item]) -> list[tuple[Any, BatchRun]]:
+        """One ONNX Runtime call for the batch (in the queue's thread), timed; an item with ``extra``
+        outputs gets a ``(logits, *extra)`` row, the others their logits row, each with the batch's run."""
+        started = time.perf_counter_ns()
+        extra = tuple(dict.fromkeys(name for _, wanted, _ in items for name in wanted))
+        batch = np.stack([tensor for tensor, _, _ in items])
+        stacked = time.perf_counter_ns()
         outputs = self.model.run((LOGITS, *extra), batch) if extra else [self.model.logits(batch)]
+        ran = time.perf_counter_ns()
         by_name = dict(zip(extra, outputs[1:], strict=True))
-        return [(outputs[0][i], *(by_name[n][i] for n in wanted)) if wanted else outputs[0][i]
-                for i, (_, wanted) in enumerate(items)]
+        rows = [(outputs[0][i], *(by_name[n][i] for n in wanted)) if wanted else outputs[0][i]
+                for i, (_, wanted, _) in enumerate(items)]
+        run = BatchRun(len(items), started, stacked - started, ran - stacked, time.perf_counter_ns() - ran)
+        self.executions.record(run)
+        return [(row, run) for row in rows]
 
     def _observe(self, size: int, seconds: float) -> None:
         if self.on_batch is not None:

@@ -17,10 +17,14 @@ from service.manifest import Manifest
 PLATFORM = "onnx_onnxv1"  # "An ONNX model encoded for ONNX Runtime" in KServe's required_api.md
 BACKEND = "onnxruntime"
 SERVER_NAME = "imgclf"
-EXTENSIONS = ("binary_tensor_data", "classification")
+# "statistics": perf_analyzer asks for /stats (both transports) only when the server lists it.
+EXTENSIONS = ("binary_tensor_data", "classification", "statistics", "model_repository")
 
 IMAGE = "image"  # BYTES [-1]: encoded image files, preprocessed as /classify does
 PIXELS = "pixels"  # FP32 [-1, C, H, W]: tensors the client preprocessed itself
+# One-input views of every model, named ``<model>.<view>``, for clients that expect exactly one input and
+# one output and a batching config (Triton's image_client.py, grpc_image_client.py, ensemble_image_client.py).
+VIEWS = (PIXELS, IMAGE)
 PROBABILITIES = "probabilities"  # FP32 [-1, K], calibrated with the manifest's temperature
 LOGITS = "logits"  # FP32 [-1, K], the raw model output
 
@@ -63,6 +67,12 @@ class ModelFacts:
     batch_wait_ms: float = 2.0
     offers_logits: bool = True
     extra_parameters: dict[str, Any] = field(default_factory=dict)
+    view: str = ""  # "": both inputs, both outputs, no batching config; or one of VIEWS
+
+    @property
+    def model(self) -> str:
+        """The name V2 clients use: the model's, or ``<model>.<view>``."""
+        return f"{self.name}.{self.view}" if self.view else self.name
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, *, versions: list[int] | None = None, max_images: int = 32,
@@ -88,10 +98,12 @@ class ModelFacts:
 
     def inputs(self) -> list[TensorSpec]:
         """A request supplies exactly one of these."""
-        return [TensorSpec(IMAGE, "BYTES", (-1,)), TensorSpec(PIXELS, "FP32", (-1, *self.pixels_shape))]
+        image = TensorSpec(IMAGE, "BYTES", (-1, 1) if self.view else (-1,))  # a batching view: one file per item
+        pixels = TensorSpec(PIXELS, "FP32", (-1, *self.pixels_shape))
+        return {"": [image, pixels], IMAGE: [image], PIXELS: [pixels]}[self.view]
 
     def outputs(self) -> list[TensorSpec]:
-        names = [PROBABILITIES, LOGITS] if self.offers_logits else [PROBABILITIES]
+        names = [PROBABILITIES, LOGITS] if self.offers_logits and not self.view else [PROBABILITIES]
         return [TensorSpec(n, "FP32", (-1, self.num_labels)) for n in names]
 
     def output_names(self) -> list[str]:
@@ -113,7 +125,7 @@ def model_metadata(facts: ModelFacts) -> dict[str, Any]:
         "max_images": facts.max_images, **facts.extra_parameters,
     }
     return {
-        "name": facts.name, "versions": [str(v) for v in facts.versions], "platform": PLATFORM,
+        "name": facts.model, "versions": [str(v) for v in facts.versions], "platform": PLATFORM,
         "inputs": [t.as_dict() for t in facts.inputs()], "outputs": [t.as_dict() for t in facts.outputs()],
         "parameters": parameters,
     }
@@ -130,6 +142,8 @@ def model_config(facts: ModelFacts) -> dict[str, Any]:
     ``dynamic_batching`` says. Both inputs are ``optional``: an input-data file that names only
     ``image`` makes perf_analyzer send only ``image`` (a request carries exactly one of them).
     """
+    if facts.view:
+        return _view_config(facts)
     inputs = [
         {"name": IMAGE, "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [-1], "optional": True},
         {"name": PIXELS, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [-1, *facts.pixels_shape],
@@ -140,6 +154,22 @@ def model_config(facts: ModelFacts) -> dict[str, Any]:
     return {
         "name": facts.name, "platform": PLATFORM, "backend": BACKEND, "max_batch_size": 0,
         "input": inputs, "output": outputs,
+        "dynamic_batching": {"preferred_batch_size": [facts.batch_size],
+                             "max_queue_delay_microseconds": round(facts.batch_wait_ms * 1000)},
+    }
+
+
+def _view_config(facts: ModelFacts) -> dict[str, Any]:
+    """A one-input view's config, as Triton publishes a batching model: ``max_batch_size`` > 0 and per-item
+    ``dims`` (the batch dimension left out); ``format`` is what Triton's image clients read."""
+    (tensor,) = facts.inputs()
+    fmt = "FORMAT_NCHW" if tensor.name == PIXELS else "FORMAT_NONE"
+    return {
+        "name": facts.model, "platform": PLATFORM, "backend": BACKEND, "max_batch_size": facts.max_images,
+        "input": [{"name": tensor.name, "data_type": CONFIG_DATA_TYPES[tensor.datatype], "format": fmt,
+                   "dims": list(tensor.shape[1:])}],
+        "output": [{"name": t.name, "data_type": CONFIG_DATA_TYPES[t.datatype], "dims": list(t.shape[1:])}
+                   for t in facts.outputs()],
         "dynamic_batching": {"preferred_batch_size": [facts.batch_size],
                              "max_queue_delay_microseconds": round(facts.batch_wait_ms * 1000)},
     }

@@ -18,6 +18,7 @@ from service.http.v2.errors import invalid
 from service.http.v2.facts import PLATFORM, ModelFacts, model_config, server_metadata
 from service.http.v2.outputs import OutputTensor
 from service.http.v2.proto import grpc_predict_v2_pb2 as pb
+from service.http.v2.proto import triton_extensions_pb2 as ext_pb
 from service.http.v2.proto import triton_model_config_pb2 as config_pb
 from service.http.v2.request import InferRequest, RawInput, RawOutput, build_request
 from service.http.v2.tensors import fp32_to_bytes, serialize_bytes
@@ -105,7 +106,7 @@ def encode_response(request: InferRequest, outputs: list[OutputTensor],
 
 def model_metadata(facts: ModelFacts) -> pb.ModelMetadataResponse:
     """``ModelMetadata`` (the gRPC message has no ``parameters``; REST's metadata has them)."""
-    meta = pb.ModelMetadataResponse(name=facts.name, versions=[str(v) for v in facts.versions],
+    meta = pb.ModelMetadataResponse(name=facts.model, versions=[str(v) for v in facts.versions],
                                     platform=PLATFORM)
     for spec in facts.inputs():
         meta.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
@@ -134,3 +135,32 @@ def model_config_handler(behaviour: Any) -> grpc.GenericRpcHandler:
         response_serializer=config_pb.ModelConfigResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, {"ModelConfig": handler})
+
+
+def statistics_response(document: dict[str, Any]) -> ext_pb.ModelStatisticsResponse:
+    """Triton's ``ModelStatistics``: the REST ``/stats`` document, field for field."""
+    return json_format.ParseDict(document, ext_pb.ModelStatisticsResponse())
+
+
+def stream_error(request: pb.ModelInferRequest, error: ServiceError) -> ext_pb.ModelStreamInferResponse:
+    """One failed request on a ``ModelStreamInfer`` stream, as Triton sends it: the message REST would put
+    in ``{"error"}``, the response empty but for the request's ``id``; the stream goes on."""
+    return ext_pb.ModelStreamInferResponse(error_message=error.message,
+                                           infer_response=pb.ModelInferResponse(id=request.id))
+
+
+def triton_extension_handler(statistics: Any, stream_infer: Any) -> grpc.GenericRpcHandler:
+    """Triton's ``/inference.GRPCInferenceService/ModelStatistics`` (unary) and ``ModelStreamInfer``
+    (bidirectional streaming), which KServe's proto lacks; registered as :func:`model_config_handler` is.
+
+    ``statistics(request: ModelStatisticsRequest, context) -> ModelStatisticsResponse``;
+    ``stream_infer(requests: AsyncIterator[ModelInferRequest], context) -> AsyncIterator[ModelStreamInferResponse]``.
+    """
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "ModelStatistics": grpc.unary_unary_rpc_method_handler(
+            statistics, request_deserializer=ext_pb.ModelStatisticsRequest.FromString,
+            response_serializer=ext_pb.ModelStatisticsResponse.SerializeToString),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=ext_pb.ModelStreamInferResponse.SerializeToString),
+    })

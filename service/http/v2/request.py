@@ -141,7 +141,7 @@ def _pixels(raw: RawInput, facts: ModelFacts, max_images: int) -> tuple[np.ndarr
         raise invalid(f"{what} must be FP32 with shape {expected}, not {raw.datatype}")
     if len(raw.shape) != 4 or tuple(raw.shape[1:]) != facts.pixels_shape:
         raise invalid(f"{what} must have shape {expected} (N, channels, height, width of model "
-                      f"{facts.name!r}), got {list(raw.shape)}")
+                      f"{facts.model!r}), got {list(raw.shape)}")
     _batch(raw.shape, max_images, what)
     if raw.raw is not None:
         pixels = fp32_from_buffer(raw.raw, raw.shape, what)
@@ -161,7 +161,7 @@ def _outputs(requested: Sequence[RawOutput] | None, facts: ModelFacts, binary_de
     for item in requested:
         what = f"output {item.name!r}"
         if item.name not in offered:
-            raise invalid(f"unknown output {item.name!r}; model {facts.name!r} offers "
+            raise invalid(f"unknown output {item.name!r}; model {facts.model!r} offers "
                           + ", ".join(repr(n) for n in offered))
         if item.name in seen:
             raise invalid(f"{what} is requested twice")
@@ -181,11 +181,12 @@ def build_request(inputs: Sequence[RawInput], outputs: Sequence[RawOutput] | Non
     """The validated request, or a V2Error saying what the model expected instead."""
     max_images = facts.max_images if max_images is None else max_images
     if not inputs:
-        raise invalid(f"the request has no inputs; model {facts.name!r} takes {facts.describe_inputs()}")
+        raise invalid(f"the request has no inputs; model {facts.model!r} takes {facts.describe_inputs()}")
     names = [i.name for i in inputs]
+    offered = {t.name for t in facts.inputs()}
     for name in names:
-        if name not in (IMAGE, PIXELS):
-            raise invalid(f"unknown input {name!r}; model {facts.name!r} takes {facts.describe_inputs()}")
+        if name not in offered:
+            raise invalid(f"unknown input {name!r}; model {facts.model!r} takes {facts.describe_inputs()}")
     if len(inputs) != 1:
         raise invalid(f"supply exactly one input, {facts.describe_inputs()}; got {', '.join(map(repr, names))}")
     raw = inputs[0]
@@ -205,8 +206,8 @@ def build_request(inputs: Sequence[RawInput], outputs: Sequence[RawOutput] | Non
     requested = _outputs(outputs, facts, binary_default)
     if raw.name == IMAGE:
         images, source = _images(raw, facts, max_images)
-        return InferRequest(facts.name, facts.version, requested, request_id, images=images, source=source,
+        return InferRequest(facts.model, facts.version, requested, request_id, images=images, source=source,
                             min_score=min_score)
     pixels, source = _pixels(raw, facts, max_images)
-    return InferRequest(facts.name, facts.version, requested, request_id, pixels=pixels, source=source,
+    return InferRequest(facts.model, facts.version, requested, request_id, pixels=pixels, source=source,
                         min_score=min_score)

@@ -14,7 +14,10 @@ V2 request is served exactly like a multipart one:
   ``imgclf_preprocess_seconds``; one that fails fails the request with its index (V2 has no per-item
   errors) and no image of that request is scored;
 - each of the N items goes to the model's batching queue on its own, so a V2 request of N images adds N
-  items to the batches /classify traffic fills (``imgclf_batch_size``).
+  items to the batches /classify traffic fills (``imgclf_batch_size``);
+- each inference request is counted once in Triton's statistics (:mod:`service.http.stats`), as a
+  success with its queue and compute times or as a failure, by :meth:`V2Service.inference`, the one
+  way in for REST, gRPC and gRPC streaming.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +40,9 @@ from service.http.errors import ServiceError
 from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
 from service.http.served import ServedModel
+from service.http.stats import InferenceStats, ItemTiming, slowest
 from service.http.v2.errors import V2Error, image_error, parse_version, unknown_model
-from service.http.v2.facts import ModelFacts
+from service.http.v2.facts import VIEWS, ModelFacts
 from service.http.v2.outputs import OutputTensor, build_outputs
 from service.http.v2.request import InferRequest
 from service.preprocessing import DecodeLimits, ImageInputError
@@ -53,6 +58,7 @@ SAMPLED_TOP_K = 5  # what a sample's JSON line keeps of an answer, which V2 asks
 class V2Answer:
     outputs: list[OutputTensor]
     parameters: dict[str, Any]  # the response's ``parameters``
+    timing: ItemTiming | None = None  # the item whose batch ended last: the request's queue and compute times
 
 
 def confidence_parameters(verdicts: list[Verdict]) -> dict[str, Any]:
@@ -67,31 +73,45 @@ def confidence_parameters(verdicts: list[Verdict]) -> dict[str, Any]:
     return out
 
 
+def split_view(catalog: Catalog, name: str) -> tuple[str, str]:
+    """(model, view) of a V2 model name: ``imagenet-lite0.pixels`` -> (``imagenet-lite0``, ``pixels``).
+    A served model's own name wins (a model may be called ``x.image``); the view "" is the model itself."""
+    base, dot, view = name.rpartition(".")
+    if dot and view in VIEWS and catalog.versions(base) and not catalog.versions(name):
+        return base, view
+    return name, ""
+
+
 class V2Service:
     """The per-worker state both transports serve from (single event loop: no locks)."""
 
     def __init__(self, live: LiveCatalog, settings: Settings, admission: Admission,
-                 monitor: Monitor | None = None) -> None:
+                 monitor: Monitor | None = None, stats: InferenceStats | None = None) -> None:
         self.live = live
+        self.stats = stats or InferenceStats()  # Triton's statistics of V2 requests, per model version
         self.monitor = monitor or Monitor.quiet()  # confident, metrics, drift and sampling, as /classify
         self.settings = settings
         self.admission = admission
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
-        self._facts: dict[tuple[str, tuple[int, ...], str | None], ModelFacts] = {}
+        self._facts: dict[tuple[str, tuple[int, ...], str | None, str], ModelFacts] = {}
 
     # --- which model ---------------------------------------------------------------------------------
     def pick(self, catalog: Catalog, name: str, version: str | None) -> ServedModel:
         """The model version a route names, by :meth:`Catalog.pick` (no version: the production one, as
-        /classify's ``model=name``); V2's own 404s list what is loaded."""
-        loaded = catalog.versions(name)
+        /classify's ``model=name``); ``<model>.<view>`` names a one-input view of it. V2's own 404s list
+        what is loaded."""
+        base, _ = split_view(catalog, name)
+        loaded = catalog.versions(base)
         if not loaded:
             raise unknown_model(name, catalog.names)
-        return catalog.pick(name, parse_version(name, version, loaded))
+        return catalog.pick(base, parse_version(name, version, loaded))
 
-    def facts(self, catalog: Catalog, served: ServedModel) -> ModelFacts:
-        """What ``served`` offers over V2 (cached: a version's manifest never changes)."""
+    def facts(self, catalog: Catalog, served: ServedModel, name: str | None = None) -> ModelFacts:
+        """What ``served`` offers over V2 under the name a request used (``<model>.<view>``: that view;
+        cached: a version's manifest never changes)."""
+        view = split_view(catalog, name)[1] if name else ""
         versions = tuple(catalog.versions(served.manifest.name))
-        key = (served.key, versions, catalog.default)
+        key = (served.key, versions, catalog.default, view)
         facts = self._facts.get(key)
         if facts is None:
             if len(self._facts) > 64:  # reloads come and go; keep only recent models
@@ -104,13 +124,13 @@ class V2Service:
                      "precision": manifest.export.precision, "default": catalog.default == manifest.name}
             if MODEL_FILE in manifest.files:
                 extra["model_sha256"] = manifest.files[MODEL_FILE].sha256
-            facts = self._facts[key] = dataclasses.replace(facts, extra_parameters=extra)
+            facts = self._facts[key] = dataclasses.replace(facts, extra_parameters=extra, view=view)
         return facts
 
     def model_facts(self, name: str, version: str | None) -> ModelFacts:
         """Facts for the metadata routes (no lease: nothing runs on the model)."""
         catalog = self.live.current
-        return self.facts(catalog, self.pick(catalog, name, version))
+        return self.facts(catalog, self.pick(catalog, name, version), name)
 
     def is_ready(self, name: str, version: str | None) -> bool:
         try:
@@ -142,6 +162,37 @@ class V2Service:
             yield
 
     # --- inference ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def inference(self, name: str, version: str | None) -> Iterator[Inference]:
+        """One V2 inference request, for every transport: admitted (counted in the worker's load), its model
+        picked and leased (no await between the two), and counted in the statistics when it ends: a
+        success with its times, or a failure (a refusal before the pick is no model's and is not counted)."""
+        with self.admitted():
+            catalog = self.live.current  # once per request: a reload swaps it whole
+            served = self.pick(catalog, name, version)
+            with served.lease():
+                call = Inference(self, served, self.facts(catalog, served, name))
+                started = time.perf_counter_ns()
+                try:
+                    yield call
+                except BaseException:
+                    self.stats.failed(served, time.perf_counter_ns() - started)
+                    raise
+                self.stats.succeeded(served, time.perf_counter_ns() - started, call.timing)
+
+    def statistics(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's ``$stats_model_response``: every version served (no name), every loaded version of one
+        model (no version) or one version, named as the request named it; the metadata routes' 404s."""
+        catalog = self.live.current
+        if not name:
+            named = [(n, catalog.pick(n, v)) for n in catalog.names for v in catalog.versions(n)]
+        elif version:
+            named = [(name, self.pick(catalog, name, version))]
+        else:
+            base = self.pick(catalog, name, None).manifest.name
+            named = [(name, catalog.pick(base, v)) for v in catalog.versions(base)]
+        return {"model_stats": [self.stats.model_stat(served, shown) for shown, served in named]}
+
     async def infer(self, served: ServedModel, request: InferRequest, facts: ModelFacts) -> list[OutputTensor]:
         """The request's outputs: every item through the model's batching queue, concurrently."""
         return (await self.infer_answer(served, request, facts)).outputs
@@ -152,13 +203,14 @@ class V2Service:
             tensors = await self._decode(served, request.images)
         else:
             tensors = list(request.pixels)
-        logits = np.stack(await asyncio.gather(*(served.infer(t) for t in tensors)))
+        results = await asyncio.gather(*(served.infer_timed(t) for t in tensors))
+        logits = np.stack([row for row, _ in results])
         images = request.images or (None,) * len(logits)
         answers = [self.monitor.answer(served, row, SAMPLED_TOP_K, request.min_score, data=image, route="/v2/infer")
                    for row, image in zip(logits, images, strict=True)]
         probabilities = np.stack([a.probabilities for a in answers])
         outputs = build_outputs(request, facts, probabilities, logits if request.wants_logits else None)
-        return V2Answer(outputs, confidence_parameters([a.verdict for a in answers]))
+        return V2Answer(outputs, confidence_parameters([a.verdict for a in answers]), slowest([t for _, t in results]))
 
     async def _decode(self, served: ServedModel, images: tuple[bytes, ...]) -> list[np.ndarray]:
         async def one(data: bytes) -> np.ndarray:
@@ -171,3 +223,19 @@ class V2Service:
             if isinstance(result, BaseException):
                 raise result
         return results  # type: ignore[return-value]
+
+
+@dataclass
+class Inference:
+    """One V2 inference request in progress (:meth:`V2Service.inference`): the model version it holds, what
+    that offers under the name the request used, and the times of its answer once made."""
+
+    service: V2Service
+    served: ServedModel
+    facts: ModelFacts
+    timing: ItemTiming | None = None
+
+    async def answer(self, request: InferRequest) -> V2Answer:
+        answer = await self.service.infer_answer(self.served, request, self.facts)
+        self.timing = answer.timing
+        return answer

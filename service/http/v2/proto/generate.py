@@ -3,8 +3,10 @@
 Runs grpcio-tools' protoc (the ``dev`` extra pins the version that matches the committed files), then
 makes two edits that protoc has no option for:
 
-- ``grpc_predict_v2_pb2_grpc.py`` imports its messages as a sibling module of this package
-  (protoc writes a top-level ``import grpc_predict_v2_pb2``, which only works from this folder);
+- a generated module that uses another one's messages (``grpc_predict_v2_pb2_grpc.py``, and
+  ``triton_extensions_pb2.py``/``.pyi``, which import ``grpc_predict_v2.proto``) imports it as a sibling
+  module of this package (protoc writes a top-level ``import grpc_predict_v2_pb2``, which only works
+  from this folder);
 - the messages go into the private pool of :mod:`._pool` instead of protobuf's default pool, so
   tritonclient's own ``inference.*`` messages can be imported in the same process;
 - a ``# ruff: noqa`` / ``# fmt: off`` header, so ``ruff check --fix`` leaves the files as generated.
@@ -29,6 +31,7 @@ PACKAGE = "service.http.v2.proto"
 PROTOS = {  # proto file -> protoc outputs
     "grpc_predict_v2.proto": ("--python_out", "--pyi_out", "--grpc_python_out"),
     "triton_model_config.proto": ("--python_out", "--pyi_out"),
+    "triton_extensions.proto": ("--python_out", "--pyi_out"),
 }
 
 
@@ -49,9 +52,9 @@ def _postprocess(name: str, text: str) -> str:
         )
         text = text.replace("_descriptor_pool.Default().AddSerializedFile(", "_POOL.AddSerializedFile(")
         text = text.replace(f"'{stem}', _globals)", f"'{PACKAGE}.{stem}', _globals)")
-    if name.endswith("_pb2_grpc.py"):
-        text = re.sub(r"^import (\w+_pb2) as (\w+)$", r"from . import \1 as \2", text, flags=re.MULTILINE)
-    return text
+    # Every file: a sibling's messages imported from this package (only _pb2_grpc.py and files whose proto
+    # imports another have such a line).
+    return re.sub(r"^import (\w+_pb2) as (\w+)$", r"from . import \1 as \2", text, flags=re.MULTILINE)
 
 
 def generate(out: Path) -> list[Path]:
