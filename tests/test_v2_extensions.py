@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from imgclf.devserver import LiveServer, free_port
 from service.http.admission import Admission, LoadEstimate
 from service.http.live import LiveCatalog
-from service.http.stats import InferenceStats
+from service.http.stats import model_stats, record_request
 from service.http.v2.facts import server_metadata
 from service.http.v2.grpc_server import GrpcFront
 from service.http.v2.proto import grpc_predict_v2_pb2 as pb
@@ -77,6 +78,7 @@ def test_each_item_learns_its_wait_and_its_batchs_phases_and_the_model_counts_ex
 
     served = ServedModel(SumModel(), max_batch_size=3, batch_wait_ms=0)  # type: ignore[arg-type]
     x = np.ones(2, np.float32)
+    (before,) = model_stats([("sums", served)])  # counts live in the process's counters: compare differences
 
     async def scenario() -> list[Any]:
         return await asyncio.gather(*(served.infer_timed(x) for _ in range(4)))  # a batch of 3, then 1
@@ -86,23 +88,29 @@ def test_each_item_learns_its_wait_and_its_batchs_phases_and_the_model_counts_ex
     runs = [timing.batch for _, timing in results]
     assert [r.size for r in runs] == [3, 3, 3, 1] and runs[0] is runs[1] is runs[2] and runs[3] is not runs[0]
     assert all(t.queued_ns >= 0 for _, t in results) and runs[3].started_ns >= runs[0].ended_ns
-    snapshot = served.executions.snapshot()
-    assert (snapshot["inference_count"], snapshot["execution_count"]) == (4, 2)
-    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in snapshot["batch_stats"]] == [(1, 1), (3, 1)]
+    (ran,) = model_stats([("sums", served)])
+    assert (ran["inference_count"] - before["inference_count"], ran["execution_count"] - before["execution_count"]) \
+        == (4, 2)
+    batches = {b["batch_size"]: b["compute_infer"]["count"] for b in ran["batch_stats"]}
+    assert sorted(batches) == [1, 3] and sum(batches.values()) == ran["execution_count"]
 
-    stats = InferenceStats()
-    stats.succeeded(served, 5_000, results[3][1])
-    stats.failed(served, 7_000)
-    stat = stats.model_stat(served)
+    record_request(served, 5_000, results[3][1])
+    record_request(served, 7_000, None, ok=False)
+    (stat,) = model_stats([("sums", served)])
     assert (stat["name"], stat["version"], stat["response_stats"], stat["memory_usage"]) == ("sums", "3", {}, [])
-    inference = stat["inference_stats"]
-    assert set(inference) == set(DURATIONS) and inference["success"] == {"count": 1, "ns": 5_000}
-    assert inference["fail"] == {"count": 1, "ns": 7_000} and inference["cache_hit"] == {"count": 0, "ns": 0}
-    assert inference["queue"]["ns"] == results[3][1].queued_ns
-    assert [inference[k]["count"] for k in ("queue", "compute_input", "compute_infer", "compute_output")] == [1] * 4
-    assert stat["execution_count"] == 2 and stat["inference_count"] == 4 and stat["last_inference"] > 0
-    stats.forget([served])
-    assert stats.model_stat(served)["inference_stats"]["success"]["count"] == 0
+    inference, earlier = stat["inference_stats"], before["inference_stats"]
+    assert set(inference) == set(DURATIONS) and inference["cache_hit"] == {"count": 0, "ns": 0}
+    delta = {k: (inference[k]["count"] - earlier[k]["count"], inference[k]["ns"] - earlier[k]["ns"]) for k in DURATIONS}
+    assert delta["success"] == (1, 5_000) and delta["fail"] == (1, 7_000)
+    assert delta["queue"] == (1, results[3][1].queued_ns)
+    assert delta["compute_infer"] == (1, runs[3].infer_ns)
+    assert all(inference[k]["count"] == inference["success"]["count"]
+               for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert stat["execution_count"] == ran["execution_count"] and stat["last_inference"] > 0
+
+    again = ServedModel(SumModel(), max_batch_size=3, batch_wait_ms=0)  # type: ignore[arg-type]
+    (reloaded,) = model_stats([("sums.pixels", again)])  # a version loaded anew continues its counts
+    assert reloaded["name"] == "sums.pixels" and reloaded["inference_stats"] == inference
 
 
 def full_service(max_queue: int = 2) -> V2Service:
@@ -287,3 +295,55 @@ def test_a_stream_the_client_closes_at_once_ends_with_no_answer(server: Server) 
     stop_within(client, HANG_S)
     assert answers == []  # no request, no answer, and the stream ended
     client.close()
+
+
+# --- several workers ---------------------------------------------------------------------------------------
+
+
+def workers_serving(client: httpx.Client) -> set[str]:
+    """The pids of the workers that serve a model, from the per-process imgclf_model_info gauge."""
+    return {line.split('pid="', 1)[1].split('"', 1)[0] for line in client.get("/metrics").text.splitlines()
+            if line.startswith("imgclf_model_info{") and 'pid="' in line and float(line.rsplit(" ", 1)[1]) == 1}
+
+
+def successes_per_worker(home: Path) -> dict[str, int]:
+    """pid -> the V2 successes that worker counted, from its own file of BentoML's multiprocess folder."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    out: dict[str, int] = {}
+    for file in (home / "bentoml" / "prometheus_multiproc_dir").glob("counter_*.db"):
+        for metric in MultiProcessCollector.merge([str(file)]):
+            for sample in metric.samples:
+                if sample.name == "imgclf_v2_stats_requests_total" and sample.labels.get("kind") == "success":
+                    pid = file.stem.rsplit("_", 1)[1]
+                    out[pid] = out.get(pid, 0) + int(sample.value)
+    return out
+
+
+def test_statistics_are_the_sum_over_the_workers(imagenet_repo: Path, tmp_path: Path, photos: list[bytes]) -> None:
+    """perf_analyzer sends its requests on pooled connections and asks for the statistics on another: any
+    worker's answer must count every worker's requests."""
+    home = tmp_path / "home"
+    with serve(imagenet_repo, home, IMGCLF_WORKERS="2") as live:
+        deadline = time.monotonic() + 120  # /readyz answers once one worker is up; the other may still load
+        while len(workers_serving(live.client)) < 2:
+            assert time.monotonic() < deadline, "the second worker never came up"
+            time.sleep(0.2)
+        sent = 0
+        while sent < 12 or len(successes_per_worker(home)) < 2:  # until both workers answered some
+            assert sent < 200, f"every new connection went to one worker: {successes_per_worker(home)}"
+            client = httpclient.InferenceServerClient(live.url.removeprefix("http://"), network_timeout=120)
+            client.infer(NAME, [http_input([photos[sent % 2]])], model_version="1", headers={"Connection": "close"})
+            client.close()  # a new connection each time: the kernel picks a worker per connection
+            sent += 1
+        assert sum(successes_per_worker(home).values()) == sent and max(successes_per_worker(home).values()) < sent
+        for _ in range(6):  # on fresh connections: whichever worker answers, it counts both workers' requests
+            with httpx.Client(base_url=live.url, timeout=60) as fresh:
+                stat = rest_stats(fresh)
+            seen = counts(stat)
+            assert seen["success"] == sent and seen["fail"] == 0, seen
+            assert seen["queue"] == seen["compute_input"] == seen["compute_infer"] == seen["compute_output"] == sent
+            assert all(stat["inference_stats"][k]["ns"] > 0 for k in ("success", "queue", "compute_infer"))
+            assert stat["inference_count"] >= sent and stat["execution_count"] >= 1 and stat["last_inference"] > 0
+            assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in stat["batch_stats"]) \
+                == stat["inference_count"]

@@ -34,7 +34,6 @@ from service.http.monitor import Monitor
 from service.http.routes import mount, table
 from service.http.sampling import Sampler
 from service.http.served import ServedModel
-from service.http.stats import InferenceStats
 from service.http.v2.grpc_server import GrpcFront
 from service.http.v2.openapi import V2OpenAPI
 from service.http.v2.serving import V2Service
@@ -57,13 +56,12 @@ class Worker:
     jobs: JobSlots
     claims: JobClaims
     explainers: Explainers
-    stats: InferenceStats = field(default_factory=InferenceStats)  # Triton's statistics of V2 requests
     v2: V2Service = field(init=False)
     grpc: GrpcFront = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.v2 = V2Service(self.live, s, self.admission, monitor=self.monitor, stats=self.stats)
+        self.v2 = V2Service(self.live, s, self.admission, monitor=self.monitor)
         self.grpc = GrpcFront(self.v2, s.grpc_host, s.grpc_port, s.max_request_bytes, s.max_concurrency,
                               s.timeout_s, on_error=metrics.count_error)
 
@@ -72,7 +70,6 @@ class Worker:
         metrics.observe_swap(added, retired)
         self.monitor.forget(retired)
         self.explainers.forget(retired)
-        self.stats.forget(retired)
 
     # --- the worker's life (BentoML's startup and shutdown hooks call these) --------------------------
     def load(self) -> None:
@@ -106,7 +103,6 @@ def build_worker(settings: Settings) -> Worker:
         jobs=JobSlots(settings.max_batch_jobs),
         claims=JobClaims(bento.jobs_folder(), bento.task_store()),
         explainers=Explainers(),
-        stats=InferenceStats(),
     )
     worker.live.on_swap = worker.swapped
     return worker

@@ -5,9 +5,9 @@ signature, while here every model (and every version a reload brings) has its ow
 image is decoded and validated alone before it joins a batch, so a bad image never fails others. The
 queue itself is :class:`service.http.batching.BatchQueue`, which knows nothing about ONNX; what is
 model-specific (stack the tensors, one ONNX Runtime call, split the rows) is :meth:`ServedModel._run_batch`.
-It times those three phases of every batch (:class:`~service.http.stats.BatchRun`, recorded in
-:attr:`ServedModel.executions` for Triton's statistics) and each item learns its wait in the queue and
-its batch's phases (:meth:`ServedModel.infer_timed`).
+It times those three phases of every batch (:class:`~service.http.stats.BatchRun`, recorded by
+:func:`~service.http.stats.record_batch` for Triton's statistics) and each item learns its wait in
+the queue and its batch's phases (:meth:`ServedModel.infer_timed`).
 
 Lifecycle under hot reload: a request holds a :meth:`ServedModel.lease` from picking the model to its
 answer; :meth:`retire` marks a replaced model, and once its last lease ends the batching task stops
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.http.batching import BatchQueue
-from service.http.stats import BatchRun, Executions, ItemTiming
+from service.http.stats import BatchRun, ItemTiming, record_batch
 from service.manifest import Manifest
 from service.memory import release_memory
 from service.runtime import LOGITS, OnnxModel, SessionError
@@ -51,13 +51,11 @@ class ServedModel:
     max_batch_size: int = 32
     batch_wait_ms: float = 2.0
     on_batch: BatchHook | None = field(default=None, repr=False)
-    executions: Executions = field(init=False, repr=False)  # every batch run, for Triton's statistics
     _batches: BatchQueue[Item, Any] = field(init=False, repr=False)
     _leases: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.executions = Executions()
         self._batches = BatchQueue(self._run_batch, self.max_batch_size, self.batch_wait_ms, self._observe)
 
     @property
@@ -160,7 +158,7 @@ class ServedModel:
         rows = [(outputs[0][i], *(by_name[n][i] for n in wanted)) if wanted else outputs[0][i]
                 for i, (_, wanted, _) in enumerate(items)]
         run = BatchRun(len(items), started, stacked - started, ran - stacked, time.perf_counter_ns() - ran)
-        self.executions.record(run)
+        record_batch(self.key, run)  # Triton's statistics
         return [(row, run) for row in rows]
 
     def _observe(self, size: int, seconds: float) -> None:

@@ -40,7 +40,7 @@ from service.http.errors import ServiceError
 from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
 from service.http.served import ServedModel
-from service.http.stats import InferenceStats, ItemTiming, slowest
+from service.http.stats import ItemTiming, model_stats, record_request, slowest
 from service.http.v2.errors import V2Error, image_error, parse_version, unknown_model
 from service.http.v2.facts import VIEWS, ModelFacts
 from service.http.v2.outputs import OutputTensor, build_outputs
@@ -86,9 +86,8 @@ class V2Service:
     """The per-worker state both transports serve from (single event loop: no locks)."""
 
     def __init__(self, live: LiveCatalog, settings: Settings, admission: Admission,
-                 monitor: Monitor | None = None, stats: InferenceStats | None = None) -> None:
+                 monitor: Monitor | None = None) -> None:
         self.live = live
-        self.stats = stats or InferenceStats()  # Triton's statistics of V2 requests, per model version
         self.monitor = monitor or Monitor.quiet()  # confident, metrics, drift and sampling, as /classify
         self.settings = settings
         self.admission = admission
@@ -176,13 +175,14 @@ class V2Service:
                 try:
                     yield call
                 except BaseException:
-                    self.stats.failed(served, time.perf_counter_ns() - started)
+                    record_request(served, time.perf_counter_ns() - started, None, ok=False)
                     raise
-                self.stats.succeeded(served, time.perf_counter_ns() - started, call.timing)
+                record_request(served, time.perf_counter_ns() - started, call.timing)
 
     def statistics(self, name: str, version: str | None) -> dict[str, Any]:
         """Triton's ``$stats_model_response``: every version served (no name), every loaded version of one
-        model (no version) or one version, named as the request named it; the metadata routes' 404s."""
+        model (no version) or one version, named as the request named it, summed over the server's workers;
+        the metadata routes' 404s."""
         catalog = self.live.current
         if not name:
             named = [(n, catalog.pick(n, v)) for n in catalog.names for v in catalog.versions(n)]
@@ -191,7 +191,7 @@ class V2Service:
         else:
             base = self.pick(catalog, name, None).manifest.name
             named = [(name, catalog.pick(base, v)) for v in catalog.versions(base)]
-        return {"model_stats": [self.stats.model_stat(served, shown) for shown, served in named]}
+        return {"model_stats": model_stats(named)}
 
     async def infer(self, served: ServedModel, request: InferRequest, facts: ModelFacts) -> list[OutputTensor]:
         """The request's outputs: every item through the model's batching queue, concurrently."""
