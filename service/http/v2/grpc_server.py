@@ -89,7 +89,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: ext_pb.ModelStatisticsRequest,
                               context: Any) -> ext_pb.ModelStatisticsResponse:
         try:
-            return grpc_codec.statistics_response(self.service.statistics(request.name, request.version or None))
+            document = await asyncio.to_thread(self.service.statistics, request.name, request.version or None)
+            return grpc_codec.statistics_response(document)
         except ServiceError as exc:
             await self._abort(context, exc)
             raise

@@ -94,12 +94,15 @@ class V2App:
             answer = await self._infer(scope, receive, route)
         elif route.action in POSTED:
             answer = await self._repository(scope, receive, route)
+        elif route.action == "stats":  # reads every worker's Prometheus files: off the event loop
+            document = await asyncio.to_thread(self.service.statistics, route.model, route.version)
+            answer = rest.json_response(document)
         else:
             answer = self._document(route)
         await _send(send, answer, method)
 
     def _document(self, route: Route) -> rest.RestResponse:
-        """Health, server and model metadata, model config, statistics: answered from the current catalog."""
+        """Health, server and model metadata, model config: answered from the current catalog."""
         if route.action == "live":
             return rest.json_response({"live": True})
         if route.action == "ready":
@@ -109,8 +112,6 @@ class V2App:
             return rest.json_response({"ready": True})
         if route.action == "server":
             return rest.json_response(server_metadata())
-        if route.action == "stats":
-            return rest.json_response(self.service.statistics(route.model, route.version))
         facts = self.service.model_facts(route.model, route.version)
         if route.action == "model_ready":
             return rest.json_response({"name": facts.model, "ready": True})
