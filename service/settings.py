@@ -75,6 +75,11 @@ class Settings(BaseModel):
     grpc_port: int | None = Field(default=None, ge=1, le=65535, description="serve the Open Inference Protocol "
                                   "(KServe V2) over gRPC on this port, in every worker (SO_REUSEPORT); unset: off")
     grpc_host: str = Field(default="0.0.0.0", description="address the V2 gRPC server listens on")
+    cache_entries: int = Field(default=4096, ge=0, description="response cache: logits rows kept per worker, by "
+                               "model version and image sha256 (a repeated image skips decoding and inference); 0: off")
+    cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0, description="response cache: bytes of logits "
+                                 "kept per worker; least recently used rows go first past it or past "
+                                 "IMGCLF_CACHE_ENTRIES")
     # --- trust, drift and sampling (docs/trust-and-retrain.md) ---
     abstain: bool = Field(default=False, description="1: an answer whose top-1 score is under the threshold "
                           "comes back with label null (its predictions kept, abstained: true)")

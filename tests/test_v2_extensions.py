@@ -170,6 +170,7 @@ def server(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     add_model(repo.root, OTHER, "pet ")
     port = free_port()
     env = {"IMGCLF_WORKERS": "1",  # one worker: the statistics it answers count every request
+           "IMGCLF_CACHE_ENTRIES": "0",  # no response cache: every image is inferred and counted
            "IMGCLF_GRPC_PORT": str(port), "IMGCLF_GRPC_HOST": "127.0.0.1", "IMGCLF_DEFAULT_MODEL": NAME}
     with serve(repo.root, tmp / "home", **env) as live:
         yield Server(live, f"127.0.0.1:{port}")
@@ -324,7 +325,7 @@ def test_statistics_are_the_sum_over_the_workers(imagenet_repo: Path, tmp_path: 
     """perf_analyzer sends its requests on pooled connections and asks for the statistics on another: any
     worker's answer must count every worker's requests."""
     home = tmp_path / "home"
-    with serve(imagenet_repo, home, IMGCLF_WORKERS="2") as live:
+    with serve(imagenet_repo, home, IMGCLF_WORKERS="2", IMGCLF_CACHE_ENTRIES="0") as live:  # each image inferred
         deadline = time.monotonic() + 120  # /readyz answers once one worker is up; the other may still load
         while len(workers_serving(live.client)) < 2:
             assert time.monotonic() < deadline, "the second worker never came up"

@@ -100,7 +100,7 @@ class Classifier:
         w = self.worker
         with bento.bentoml_errors():
             return await classify_one(w.live, w.limits, await asyncio.to_thread(image.read_bytes), top_k, model,
-                                      checked_min_score(min_score), w.monitor)
+                                      checked_min_score(min_score), w.monitor, w.cache)
 
     @bentoml.api
     async def classify_batch(self, images: list[Path], top_k: int = 5, model: str | None = None,
@@ -110,7 +110,7 @@ class Classifier:
         data = [await asyncio.to_thread(p.read_bytes) for p in images]
         with bento.bentoml_errors():
             return await classify_many(w.live, w.limits, w.settings.max_batch_images, data, top_k, model,
-                                       checked_min_score(min_score), w.monitor)
+                                       checked_min_score(min_score), w.monitor, w.cache)
 
     @bentoml.api
     async def explain(self, image: Path, model: str | None = None, target: str | None = None,

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar, cast
 
+import numpy as np
 from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service.answer import Answer
 from service.http import metrics
+from service.http.cache import LogitsCache
 from service.http.errors import ServiceError, service_error
 from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
@@ -118,42 +120,56 @@ async def preprocessed(data: bytes, served: ServedModel, limits: DecodeLimits,
     return result, seconds * 1000
 
 
+async def logits_of(served: ServedModel, data: bytes, limits: DecodeLimits,
+                    cache: LogitsCache) -> tuple[np.ndarray, dict[str, float]]:
+    """One image's logits and its timing fields: from the response cache (``{"preprocess": 0, "cached": 1}``),
+    else decoded and inferred (``{"preprocess": ms}``) and kept for next time."""
+    key, row = cache.lookup(served.key, data)
+    if row is not None:
+        return row, {"preprocess": 0.0, "cached": 1.0}
+    tensor, prep_ms = await preprocessed(data, served, limits)
+    row = await served.infer(tensor)
+    cache.put(key, row)
+    return row, {"preprocess": prep_ms}
+
+
 async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top_k: int,
                        model: str | None, min_score: float | None = None,
-                       monitor: Monitor | None = None) -> ClassifyResponse:
+                       monitor: Monitor | None = None, cache: LogitsCache | None = None) -> ClassifyResponse:
     started = time.perf_counter()
     monitor = monitor or Monitor.quiet()
+    cache = LogitsCache.off() if cache is None else cache  # (an empty cache is falsy: it has a length)
     with live.current.select(model, top_k).lease() as served:  # no await between pick and lease
-        tensor, prep_ms = await preprocessed(data, served, limits)
-        answer = monitor.answer(served, await served.infer(tensor), top_k, min_score, data=data, route="/classify")
+        logits, timing = await logits_of(served, data, limits, cache)
+        answer = monitor.answer(served, logits, top_k, min_score, data=data, route="/classify")
         return ClassifyResponse(
             model=served.manifest.name, version=served.manifest.version, **trust_fields(answer),
             predictions=predictions_of(answer, top_k),
-            timing_ms={"preprocess": prep_ms, "total": (time.perf_counter() - started) * 1000},
+            timing_ms={**timing, "total": (time.perf_counter() - started) * 1000},
         )
 
 
 async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int, images: list[bytes],
                         top_k: int, model: str | None, min_score: float | None = None,
-                        monitor: Monitor | None = None) -> BatchResponse:
+                        monitor: Monitor | None = None, cache: LogitsCache | None = None) -> BatchResponse:
     """Several images; one bad image fails only its own entry."""
     started = time.perf_counter()
     monitor = monitor or Monitor.quiet()
+    cache = LogitsCache.off() if cache is None else cache
     with live.current.select(model, top_k).lease() as served:
         if len(images) > max_images:
             raise ServiceError(413, "too_many_images", f"at most {max_images} images per request")
 
         async def one(index: int, data: bytes) -> BatchItem:
             try:
-                tensor, _ = await preprocessed(data, served, limits)
+                logits, _ = await logits_of(served, data, limits, cache)
             except Exception as exc:
                 error = service_error(exc)
                 if error is None:
                     raise
                 return BatchItem(index=index, error=ErrorOut(kind=error.kind, message=error.message,
                                                              status=error.status))
-            answer = monitor.answer(served, await served.infer(tensor), top_k, min_score, data=data,
-                                    route="/classify_batch")
+            answer = monitor.answer(served, logits, top_k, min_score, data=data, route="/classify_batch")
             return BatchItem(index=index, **trust_fields(answer), predictions=predictions_of(answer, top_k))
 
         results = await asyncio.gather(*(one(i, d) for i, d in enumerate(images)))
@@ -164,19 +180,21 @@ async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int
 class ClassifyRoutes:
     """The handlers of ``POST /classify`` and ``POST /classify_batch`` (one worker's objects)."""
 
-    def __init__(self, live: LiveCatalog, limits: DecodeLimits, max_images: int, monitor: Monitor) -> None:
+    def __init__(self, live: LiveCatalog, limits: DecodeLimits, max_images: int, monitor: Monitor,
+                 cache: LogitsCache | None = None) -> None:
         self.live, self.limits, self.max_images, self.monitor = live, limits, max_images, monitor
+        self.cache = LogitsCache.off() if cache is None else cache
 
     async def classify(self, request: Request) -> Response:
         form = ParsedForm.of(request)
         top_k, model = form_options(form.fields)
         answer = await classify_one(self.live, self.limits, form.files[0], top_k, model,
-                                    form_min_score(form.fields), self.monitor)
+                                    form_min_score(form.fields), self.monitor, self.cache)
         return Response(answer.model_dump_json(), media_type="application/json")
 
     async def classify_batch(self, request: Request) -> Response:
         form = ParsedForm.of(request)
         top_k, model = form_options(form.fields)
         answer = await classify_many(self.live, self.limits, self.max_images, form.files, top_k, model,
-                                     form_min_score(form.fields), self.monitor)
+                                     form_min_score(form.fields), self.monitor, self.cache)
         return Response(answer.model_dump_json(), media_type="application/json")

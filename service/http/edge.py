@@ -1,7 +1,7 @@
 """One worker's HTTP edge: every piece of its state, made in one place, and the ASGI stack over BentoML.
 
 :func:`build_app` makes a :class:`Worker` (the catalog, the monitor, the body reader, admission, the
-job slots, the V2 service and its gRPC front, the explainer cache) from the settings, nothing else.
+job slots, the V2 service and its gRPC front, the explainer cache, the response cache) from the settings, nothing else.
 :meth:`Edge.asgi` wraps BentoML's app in the middleware that is truly cross-cutting, outermost first:
 
 1. :class:`~service.http.errors.ErrorResponses`: every error rendered and counted, once;
@@ -25,6 +25,7 @@ from service.http import bento, metrics
 from service.http.admission import Admission, AdmissionControl, LoadEstimate
 from service.http.batch_task import JobClaims, JobSlots
 from service.http.body import BodyReader, UploadPace
+from service.http.cache import LogitsCache
 from service.http.catalog import Catalog
 from service.http.errors import ASGIApp, ErrorResponses, Receive, Scope, Send
 from service.http.explainers import Explainers
@@ -56,20 +57,23 @@ class Worker:
     jobs: JobSlots
     claims: JobClaims
     explainers: Explainers
+    cache: LogitsCache  # logits of images already answered, by model version and image sha256
     v2: V2Service = field(init=False)
     grpc: GrpcFront = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.v2 = V2Service(self.live, s, self.admission, monitor=self.monitor)
+        self.v2 = V2Service(self.live, s, self.admission, monitor=self.monitor, cache=self.cache)
         self.grpc = GrpcFront(self.v2, s.grpc_host, s.grpc_port, s.max_request_bytes, s.max_concurrency,
                               s.timeout_s, on_error=metrics.count_error)
 
     def swapped(self, added: list[ServedModel], retired: list[ServedModel]) -> None:
-        """A load or reload changed the models served: metrics, drift windows and explainers follow."""
+        """A load or reload changed the models served: metrics, drift windows, explainers and the response
+        cache follow."""
         metrics.observe_swap(added, retired)
         self.monitor.forget(retired)
         self.explainers.forget(retired)
+        self.cache.forget(retired)
 
     # --- the worker's life (BentoML's startup and shutdown hooks call these) --------------------------
     def load(self) -> None:
@@ -103,6 +107,7 @@ def build_worker(settings: Settings) -> Worker:
         jobs=JobSlots(settings.max_batch_jobs),
         claims=JobClaims(bento.jobs_folder(), bento.task_store()),
         explainers=Explainers(),
+        cache=LogitsCache.from_settings(settings, on_outcome=metrics.count_cache),
     )
     worker.live.on_swap = worker.swapped
     return worker

@@ -39,6 +39,14 @@ SAMPLES = bentoml.metrics.Counter(
     name="imgclf_samples_total", documentation="sampled images by outcome: kept, duplicate, near_cap, cap "
     "(nothing written past the disk cap), busy, error", labelnames=["outcome"])
 
+CACHE = bentoml.metrics.Counter(
+    name="imgclf_cache_total", documentation="response cache lookups and evictions by outcome: hit, miss, "
+    "eviction (IMGCLF_CACHE_ENTRIES, IMGCLF_CACHE_MAX_BYTES)", labelnames=["outcome"])
+
+
+def count_cache(outcome: str) -> None:
+    CACHE.labels(outcome=outcome).inc()
+
 
 def count_error(kind: str) -> None:
     ERRORS.labels(kind=kind).inc()

@@ -105,7 +105,7 @@ def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:
     image = partial(UploadRoute, "image", s.max_upload_bytes + FORM_OVERHEAD, 1)
     archive = UploadRoute("archive", s.max_archive_bytes, 1, check_fields=JobFields(worker.live, worker.jobs),
                           check=partial(check_archive, limits=archive_limits(s)), in_memory=False)
-    classify = ClassifyRoutes(worker.live, worker.limits, s.max_batch_images, worker.monitor)
+    classify = ClassifyRoutes(worker.live, worker.limits, s.max_batch_images, worker.monitor, worker.cache)
     models = ModelsRoute(worker)
     admin = AdminToken(s.admin_token)  # /admin and V2's repository load and unload
     return [

@@ -38,7 +38,8 @@ class ClassifyResponse(_Body):
     threshold: float | None = Field(default=None, description="the threshold the answer was judged by")
     abstained: bool = Field(default=False, description="the label is withheld; the predictions are kept")
     predictions: list[PredictionOut]
-    timing_ms: dict[str, float] = Field(description="milliseconds: preprocess (decode, resize, normalise) and total")
+    timing_ms: dict[str, float] = Field(description="milliseconds: preprocess (decode, resize, normalise; 0 for an answer "
+                                              "from the response cache, which adds cached: 1) and total")
 
 
 class ErrorOut(_Body):

@@ -19,7 +19,8 @@ BentoML empties the directory when a server starts.
   last: that item's wait in the queue (from its submit to the start of its batch) and its batch's
   stacking, run and splitting times. Queue and the three compute counts are the success count itself, so
   they are equal even in a read between two increments (perf_analyzer refuses unequal compute counts).
-  Decoding the images is in ``success`` only (perf_analyzer's "overhead").
+  Decoding the images is in ``success`` only (perf_analyzer's "overhead"). A request whose images all came
+  from the response cache (``service.http.cache``) ran no item: a success with zero queue and compute times.
 
 In /metrics: ``imgclf_v2_stats_requests_total{model,kind}`` (kind success or fail),
 ``imgclf_v2_stats_request_ns_total{model,kind}``, ``imgclf_v2_stats_batches_total{model,batch_size}``,

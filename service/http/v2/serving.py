@@ -10,6 +10,8 @@ V2 request is served exactly like a multipart one:
 - admission is the worker's one :class:`~service.http.admission.Admission` (in flight, measured service
   time), shared with /classify: a refusal is a 503 with ``Retry-After`` over REST, ``UNAVAILABLE`` with
   a ``retry-after`` trailer over gRPC;
+- an encoded image (``image`` input) whose logits the worker's response cache holds for this version
+  (:mod:`service.http.cache`, shared with /classify) is neither decoded nor inferred;
 - each image is decoded by ``image_to_tensor`` with /classify's limits, off the event loop, and timed in
   ``imgclf_preprocess_seconds``; one that fails fails the request with its index (V2 has no per-item
   errors) and no image of that request is scored;
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from service.http.admission import Admission
+from service.http.cache import LogitsCache
 from service.http.catalog import Catalog
 from service.http.classify import preprocessed
 from service.http.errors import ServiceError
@@ -86,8 +89,9 @@ class V2Service:
     """The per-worker state both transports serve from (single event loop: no locks)."""
 
     def __init__(self, live: LiveCatalog, settings: Settings, admission: Admission,
-                 monitor: Monitor | None = None) -> None:
+                 monitor: Monitor | None = None, cache: LogitsCache | None = None) -> None:
         self.live = live
+        self.cache = LogitsCache.off() if cache is None else cache  # the worker's, shared with /classify
         self.monitor = monitor or Monitor.quiet()  # confident, metrics, drift and sampling, as /classify
         self.settings = settings
         self.admission = admission
@@ -200,24 +204,41 @@ class V2Service:
     async def infer_answer(self, served: ServedModel, request: InferRequest, facts: ModelFacts) -> V2Answer:
         """The outputs and the response parameters (whether each item's top-1 clears the threshold)."""
         if request.images is not None:
-            tensors = await self._decode(served, request.images)
+            logits, timings = await self._image_logits(served, request.images)
         else:
-            tensors = list(request.pixels)
-        results = await asyncio.gather(*(served.infer_timed(t) for t in tensors))
-        logits = np.stack([row for row, _ in results])
+            results = await asyncio.gather(*(served.infer_timed(t) for t in request.pixels))
+            logits, timings = np.stack([row for row, _ in results]), [t for _, t in results]
         images = request.images or (None,) * len(logits)
         answers = [self.monitor.answer(served, row, SAMPLED_TOP_K, request.min_score, data=image, route="/v2/infer")
                    for row, image in zip(logits, images, strict=True)]
         probabilities = np.stack([a.probabilities for a in answers])
         outputs = build_outputs(request, facts, probabilities, logits if request.wants_logits else None)
-        return V2Answer(outputs, confidence_parameters([a.verdict for a in answers]), slowest([t for _, t in results]))
+        return V2Answer(outputs, confidence_parameters([a.verdict for a in answers]), slowest(timings))
 
-    async def _decode(self, served: ServedModel, images: tuple[bytes, ...]) -> list[np.ndarray]:
-        async def one(data: bytes) -> np.ndarray:
-            return (await preprocessed(data, served, self.limits))[0]
+    async def _image_logits(self, served: ServedModel,
+                            images: tuple[bytes, ...]) -> tuple[np.ndarray, list[ItemTiming]]:
+        """Encoded images' logits: the response cache's rows (the same cache as /classify), the others decoded
+        and inferred through the batching queue, concurrently, and kept. The timings are the inferred items'
+        (a request answered wholly from the cache has none: a success with zero queue and compute times)."""
+        looked = [self.cache.lookup(served.key, data) for data in images]
+        tensors = await self._decode(served, [None if row is not None else data
+                                              for data, (_, row) in zip(images, looked, strict=True)])
+        missed = [i for i, tensor in enumerate(tensors) if tensor is not None]
+        results = await asyncio.gather(*(served.infer_timed(tensors[i]) for i in missed))
+        rows = [row for _, row in looked]
+        for i, (row, _) in zip(missed, results, strict=True):
+            rows[i] = row
+            self.cache.put(looked[i][0], row)
+        return np.stack(rows), [timing for _, timing in results]
+
+    async def _decode(self, served: ServedModel, images: list[bytes | None]) -> list[np.ndarray | None]:
+        """Each image's tensor (None where the image is None: answered from the cache); the first bad image, by
+        its index in the request, fails the request and none of them is scored."""
+        async def one(data: bytes | None) -> np.ndarray | None:
+            return None if data is None else (await preprocessed(data, served, self.limits))[0]
 
         results = await asyncio.gather(*(one(d) for d in images), return_exceptions=True)
-        for index, result in enumerate(results):  # the first bad image, by index; none of them is scored
+        for index, result in enumerate(results):
             if isinstance(result, ImageInputError):
                 raise image_error(index, str(result), result.status_code, result.kind)
             if isinstance(result, BaseException):
