@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks.batch_throughput import ceiling, write_jpegs
 from benchmarks.loadgen import closed_loop, multipart_request, open_loop
-from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
+from benchmarks.machine import NO_CACHE, RESULTS, imagenet_repository, machine_info, write_results
 from imgclf.devserver import free_port, running_server
 
 MIXED_SIZES = [(500, 375), (640, 480), (400, 300), (375, 500), (800, 600), (300, 400)]
@@ -103,7 +103,7 @@ def main() -> None:
 
         for name, env in variants:
             print(f"imgclf serve ({name})", flush=True)
-            with running_server(repo, tmp / "home", env) as srv:
+            with running_server(repo, tmp / "home", {**env, **NO_CACHE}) as srv:
                 url, port = srv.url, int(srv.url.rsplit(":", 1)[1])
                 results["imgclf"][name] = {
                     "env": env, "ready_s": srv.ready_s,

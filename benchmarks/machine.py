@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# What a benchmark of the image work serves with: the response cache off. The benchmarks cycle through a
+# few dozen images, which the cache would answer without decoding or inferring (Triton's and
+# TorchServe's response caches are off by default too); benchmarks/response_cache.py measures the cache.
+NO_CACHE = {"IMGCLF_CACHE_ENTRIES": "0"}
 
 
 def cpu_model() -> str:

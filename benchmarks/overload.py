@@ -32,7 +32,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import Connection, multipart_request
-from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
+from benchmarks.machine import NO_CACHE, RESULTS, imagenet_repository, machine_info, write_results
 from imgclf.devserver import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,7 +329,7 @@ def measure_own_server(args: argparse.Namespace, image: bytes) -> tuple[dict[str
         repo = imagenet_repository(args.repo, Path(tmp))
         env = {"IMGCLF_MAX_QUEUE": str(args.max_queue), "IMGCLF_LATENCY_BUDGET_MS": str(args.latency_budget_ms),
                "IMGCLF_WORKERS": str(args.workers)}
-        with running_server(repo, Path(tmp) / "home", env) as server:
+        with running_server(repo, Path(tmp) / "home", {**env, **NO_CACHE}) as server:
             before = {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
             result = overload_run(server.url, image, factor=args.factor, seconds=args.seconds,
                                   baseline_s=args.baseline_seconds)

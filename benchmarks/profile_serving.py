@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import closed_loop, multipart_request
-from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
+from benchmarks.machine import NO_CACHE, RESULTS, imagenet_repository, machine_info, write_results
 
 # (layer, substrings of "function (file:line)" frames), tried from the innermost frame outwards.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -106,7 +106,7 @@ def main() -> None:
         images = make_images(tmp / "images", 24, 12.0)
         repo = imagenet_repository(args.repo, tmp)
         phases = {}
-        with running_server(repo, tmp / "server", {}, timeout_s=180) as srv:
+        with running_server(repo, tmp / "server", dict(NO_CACHE), timeout_s=180) as srv:
             host = srv.url.split("://", 1)[1]
             for kind, concurrency in (("small", 32), ("large", 8)):
                 payloads = [multipart_request(host, "/classify", "image", "image.jpg", d) for d in images[kind]]

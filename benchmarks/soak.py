@@ -26,6 +26,7 @@ import logging
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -249,7 +250,13 @@ def soak(repo_root: Path, home: Path, requests: int, reloads: int, warmup: int, 
         plan = mix(cases(host))
         admin = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
 
+        switching = threading.Lock()  # one switch at a time: fast answers can start the next before one ends
+
         def switch(version: int) -> None:
+            with switching:
+                _switch(version)
+
+        def _switch(version: int) -> None:
             repo.promote(NAME, version)
             start = time.perf_counter()
             response = admin.post("/admin/reload")

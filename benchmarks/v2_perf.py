@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import closed_loop, multipart_request
-from benchmarks.machine import RESULTS, imagenet_repository, machine_info, write_results
+from benchmarks.machine import NO_CACHE, RESULTS, imagenet_repository, machine_info, write_results
 from imgclf.devserver import free_port, running_server
 
 NAME = "imagenet-lite0"
@@ -237,7 +237,7 @@ def main() -> None:
         env = {"IMGCLF_GRPC_PORT": str(grpc_port), "IMGCLF_GRPC_HOST": "127.0.0.1",
                "IMGCLF_LATENCY_BUDGET_MS": f"{args.latency_budget_ms:g}"}
         results["workers"] = Settings.from_env(env).worker_count  # the default: one per usable core
-        with running_server(repo, tmp / "home", env) as srv:
+        with running_server(repo, tmp / "home", {**env, **NO_CACHE}) as srv:
             host = srv.url.removeprefix("http://")
             urls = {"http": host, "grpc": f"127.0.0.1:{grpc_port}"}
             classify = [multipart_request(host, "/classify", "image", "x.jpg", j) for j in jpegs]

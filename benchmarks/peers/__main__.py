@@ -152,7 +152,8 @@ def main() -> None:
         version = ModelRepository(repo).get("imagenet-lite0")
         images = make_images(tmp / "images", args.distinct, args.megapixels)
         candidates = {
-            "imgclf-default": imgclf_server("imgclf-default", "imgclf, default settings (no `IMGCLF_*`)", repo, {}),
+            "imgclf-default": imgclf_server("imgclf-default", "imgclf, default settings (no `IMGCLF_*`) but the "
+                                            "response cache off", repo, {}),
             "imgclf-baseline": imgclf_server("imgclf-baseline", f"imgclf at {_commit(args.baseline)}, default "
                                              "settings", repo, {}, args.baseline),
             "imgclf-tuned": imgclf_server("imgclf-tuned", "imgclf, `IMGCLF_WORKERS=2 IMGCLF_INTRA_OP_THREADS=1`",

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from benchmarks.loadgen import multipart_request
+from benchmarks.machine import NO_CACHE
 from benchmarks.peers import torchserve as ts
 from benchmarks.peers import triton
 from benchmarks.peers.envs import PeerUnavailable
@@ -88,6 +89,7 @@ def _host(url: str) -> str:
 
 def imgclf_server(key: str, label: str, repo: Path, env: dict[str, str], checkout: Path | None = None) -> Server:
     """imgclf serving ``repo``; ``checkout``: another commit's tree (a git worktree) serves its own code."""
+    env = {**env, **NO_CACHE}  # the image work is what is compared (an older checkout ignores the variable)
     if checkout is not None:  # BentoML imports the service from its working directory, its workers too
         env = {**env, "PYTHONPATH": str(checkout)}
 
