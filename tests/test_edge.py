@@ -4,18 +4,15 @@ what the route table does not answer would go to BentoML, and no request here ma
 
 from __future__ import annotations
 
-import asyncio
 import io
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 
 from service.http.catalog import Catalog, ModelRequiredError
-from service.http.edge import Edge, build_app
-from service.settings import Settings
 from tests.support import images
+from tests.support.edge import edge_for, post
 from tests.support.servers import NAME, add_model, copy_repo
 
 pytestmark = pytest.mark.slow  # several ONNX Runtime sessions loaded and warmed up: not in `make test-quick`
@@ -29,32 +26,8 @@ def two_models(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
-def edge_for(repo: Path, **settings: object) -> Edge:
-    edge = build_app(Settings(model_repo=repo, **settings))
-    edge.worker.load()
-    return edge
-
-
-async def _bentoml(scope: dict, receive: object, send: object) -> None:
-    raise AssertionError(f"{scope['method']} {scope['path']} reached BentoML: the route table should answer it")
-
-
-def post(edge: Edge, path: str, counted: list[str] | None = None, **kwargs: object) -> httpx.Response:
-    """One request through the whole edge (error rendering, guard, admission, the route table); ``counted``
-    receives the kind of every error the renderer counts."""
-    app = edge.asgi(_bentoml, count=(lambda _kind: None) if counted is None else counted.append)
-
-    async def call() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
-            return await client.post(path, **kwargs)
-
-    return asyncio.run(call())
-
-
 def _jpeg() -> bytes:
-    buffer = io.BytesIO()
-    images.photo((320, 240)).convert("RGB").save(buffer, "JPEG")
-    return buffer.getvalue()
+    return images.encode(images.photo((320, 240)).convert("RGB"), "JPEG")
 
 
 def test_one_model_served_is_the_default(imagenet_repo: Path) -> None:

@@ -6,10 +6,7 @@ input shares the cache with /classify."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import io
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,11 +14,10 @@ import numpy as np
 import pytest
 
 from service.http.cache import LogitsCache
-from service.http.edge import Edge, build_app
 from service.http.stats import model_stats
 from service.repository import ModelRepository
-from service.settings import Settings
 from tests.support import images
+from tests.support.edge import calls, edge_for
 from tests.support.servers import NAME, add_copy, copy_repo
 
 pytestmark = pytest.mark.slow  # real ONNX Runtime sessions loaded and warmed up
@@ -83,38 +79,8 @@ def test_off_hashes_nothing_and_counts_nothing() -> None:
 # --- through the edge ------------------------------------------------------------------------------------
 
 
-def edge_for(repo: Path, **settings: object) -> Edge:
-    edge = build_app(Settings(model_repo=repo, **settings))
-    edge.worker.load()
-    return edge
-
-
-async def _unreached(scope: dict, receive: object, send: object) -> None:
-    raise AssertionError(f"{scope['method']} {scope['path']} reached BentoML")
-
-
-def calls(edge: Edge, *steps: tuple[str, dict] | Callable[[], object]) -> list[httpx.Response]:
-    """POSTs in order through the whole edge, all on one event loop (a model's batching task lives on the
-    loop of its first request); a callable step runs between two requests."""
-    app = edge.asgi(_unreached, count=lambda _kind: None)
-
-    async def run() -> list[httpx.Response]:
-        out = []
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
-            for step in steps:
-                if callable(step):
-                    step()
-                else:
-                    out.append(await client.post(step[0], **step[1]))
-        return out
-
-    return asyncio.run(run())
-
-
 def jpeg(size: tuple[int, int] = (320, 240), which: str = "chelsea") -> bytes:
-    buffer = io.BytesIO()
-    images.photo(size, which).convert("RGB").save(buffer, "JPEG")
-    return buffer.getvalue()
+    return images.encode(images.photo(size, which).convert("RGB"), "JPEG")
 
 
 def classify(data: bytes, **fields: str) -> tuple[str, dict]:

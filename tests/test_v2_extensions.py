@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from imgclf.devserver import LiveServer, free_port
+from imgclf.devserver import free_port
 from service.http.admission import Admission, LoadEstimate
 from service.http.live import LiveCatalog
 from service.http.stats import model_stats, record_request
@@ -39,7 +38,7 @@ from service.http.v2.route import Route, match
 from service.http.v2.serving import V2Service
 from service.settings import Settings
 from tests.support import images
-from tests.support.servers import NAME, add_model, copy_repo, serve
+from tests.support.servers import NAME, V2Server, add_model, copy_repo, serve
 
 pytestmark = pytest.mark.slow  # servers and subprocesses: not in `make test-quick`
 
@@ -149,22 +148,8 @@ def test_a_stream_on_a_full_worker_answers_each_request_with_the_refusal_and_end
 # --- a real server -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    live: LiveServer
-    grpc_url: str
-
-    @property
-    def http(self) -> httpclient.InferenceServerClient:
-        return httpclient.InferenceServerClient(self.live.url.removeprefix("http://"), network_timeout=120)
-
-    @property
-    def grpc(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(self.grpc_url)
-
-
 @pytest.fixture(scope="module")
-def server(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[V2Server]:
     tmp = tmp_path_factory.mktemp("v2x")
     repo = copy_repo(imagenet_repo, tmp / "models")
     add_model(repo.root, OTHER, "pet ")
@@ -173,7 +158,7 @@ def server(imagenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
            "IMGCLF_CACHE_ENTRIES": "0",  # no response cache: every image is inferred and counted
            "IMGCLF_GRPC_PORT": str(port), "IMGCLF_GRPC_HOST": "127.0.0.1", "IMGCLF_DEFAULT_MODEL": NAME}
     with serve(repo.root, tmp / "home", **env) as live:
-        yield Server(live, f"127.0.0.1:{port}")
+        yield V2Server(live, f"127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +198,7 @@ def counts(stat: dict[str, Any]) -> dict[str, int]:
     return {key: stat["inference_stats"][key]["count"] for key in DURATIONS}
 
 
-def test_statistics_count_http_and_grpc_requests_over_both_transports(server: Server, photos: list[bytes]) -> None:
+def test_statistics_count_http_and_grpc_requests_over_both_transports(server: V2Server, photos: list[bytes]) -> None:
     client = server.live.client
     before = rest_stats(client)
     http, grpc_client = server.http, server.grpc
@@ -244,7 +229,7 @@ def test_statistics_count_http_and_grpc_requests_over_both_transports(server: Se
     assert by_grpc.execution_count == after["execution_count"] and len(by_grpc.batch_stats) == len(after["batch_stats"])
 
 
-def test_statistics_of_every_model_and_the_404s(server: Server) -> None:
+def test_statistics_of_every_model_and_the_404s(server: V2Server) -> None:
     everything = server.live.client.get("/v2/models/stats").json()["model_stats"]
     assert sorted((s["name"], s["version"]) for s in everything) == [(NAME, "1"), (OTHER, "1")]
     assert [s.name for s in server.grpc.get_inference_statistics().model_stats] == [NAME, OTHER]
@@ -269,7 +254,7 @@ def stop_within(client: grpcclient.InferenceServerClient, seconds: float) -> Non
     assert not stopper.is_alive(), f"stop_stream() still waiting after {seconds} s: the server kept the stream open"
 
 
-def test_streaming_answers_each_request_by_id_and_ends_when_the_client_stops(server: Server,
+def test_streaming_answers_each_request_by_id_and_ends_when_the_client_stops(server: V2Server,
                                                                            photos: list[bytes]) -> None:
     before = counts(rest_stats(server.live.client))
     client = server.grpc
@@ -290,7 +275,7 @@ def test_streaming_answers_each_request_by_id_and_ends_when_the_client_stops(ser
     client.close()
 
 
-def test_a_stream_the_client_closes_at_once_ends_with_no_answer(server: Server) -> None:
+def test_a_stream_the_client_closes_at_once_ends_with_no_answer(server: V2Server) -> None:
     client, answers = server.grpc, []
     client.start_stream(callback=lambda result, error: answers.append((result, error)))
     stop_within(client, HANG_S)

@@ -14,7 +14,6 @@ import gzip
 import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,32 +23,17 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from imgclf.devserver import LiveServer, free_port
+from imgclf.devserver import free_port
 from service.http.v2 import schemas
 from service.preprocessing import PreprocessSpec, image_to_tensor
 from tests.support import images
-from tests.support.servers import AUTH, NAME, TOKEN, add_copy, copy_repo, serve
+from tests.support.servers import AUTH, NAME, TOKEN, V2Server, add_copy, copy_repo, serve
 
 pytestmark = pytest.mark.slow  # servers, training or subprocesses: not in `make test-quick`
 
 MAX_IMAGES = 8
 MAX_REQUEST = 16 * 1024 * 1024  # JSON pixels of 2 images are about 6 MB
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
-
-
-@dataclass
-class V2Server:
-    live: LiveServer
-    grpc_url: str
-    repo: object
-
-    @property
-    def http(self) -> httpclient.InferenceServerClient:
-        return httpclient.InferenceServerClient(self.live.url.removeprefix("http://"), network_timeout=120)
-
-    @property
-    def grpc(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(self.grpc_url)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from service.batch.archive import check_archive
 from service.http.admin import AdminRoute, AdminToken
 from service.http.batch_task import JobFields, archive_limits
 from service.http.classify import ClassifyRoutes
-from service.http.errors import ASGIApp, Receive, Scope, Send, ServiceError
+from service.http.errors import V2_PREFIX, ASGIApp, Receive, Scope, Send, ServiceError
 from service.http.explain_route import FIELDS as EXPLAIN_FIELDS
 from service.http.explain_route import ExplainRoutes
 from service.http.guard import UploadRoute
@@ -122,7 +122,7 @@ def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:
         Endpoint("/readyz", ReadyRoute(worker, bentoml_app)),
         Endpoint("/ui", UiRoute(), prefix=True),
         Endpoint("/admin", AdminRoute(worker.live, admin), prefix=True),
-        Endpoint("/v2", V2App(worker.v2, worker.bodies, s.max_request_bytes, admin), prefix=True),
+        Endpoint(V2_PREFIX, V2App(worker.v2, worker.bodies, s.max_request_bytes, admin), prefix=True),
     ]
 
 

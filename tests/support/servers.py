@@ -10,7 +10,9 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -19,6 +21,10 @@ from service.manifest import Manifest
 from service.repository import MANIFEST, MODEL_FILE, ModelRepository
 
 from . import images
+
+if TYPE_CHECKING:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
 
 NAME = "imagenet-lite0"
 TOKEN = "test-admin-token-3f9c"
@@ -31,6 +37,27 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # while glibc's arenas still settle by tens of MB over the first reloads (+68 MB after three under two CPU
 # hogs; +58 MB over twenty after four warm-up reloads in a quiet CI run; benchmarks/NOTES.md).
 RELOAD_GROWTH_LIMIT_MB = 150
+
+
+@dataclass
+class V2Server:
+    """A live server with IMGCLF_GRPC_PORT, and Triton's clients for both of its V2 front doors."""
+
+    live: LiveServer
+    grpc_url: str
+    repo: ModelRepository | None = None
+
+    @property
+    def http(self) -> httpclient.InferenceServerClient:
+        import tritonclient.http as httpclient  # grpc and protobuf load only for the tests that use them
+
+        return httpclient.InferenceServerClient(self.live.url.removeprefix("http://"), network_timeout=120)
+
+    @property
+    def grpc(self) -> grpcclient.InferenceServerClient:
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.grpc_url)
 
 
 def copy_repo(source: Path, target: Path) -> ModelRepository:

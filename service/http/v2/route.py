@@ -32,7 +32,6 @@ from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/v2"
 _MODEL = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                     r"(?:/(?P<action>ready|config|infer|stats))?/?")
 # /v2/models/stats is every model's statistics, as in Triton (a model called "stats" keeps its other routes).

@@ -197,10 +197,6 @@ class V2Service:
             named = [(name, catalog.pick(base, v)) for v in catalog.versions(base)]
         return {"model_stats": model_stats(named)}
 
-    async def infer(self, served: ServedModel, request: InferRequest, facts: ModelFacts) -> list[OutputTensor]:
-        """The request's outputs: every item through the model's batching queue, concurrently."""
-        return (await self.infer_answer(served, request, facts)).outputs
-
     async def infer_answer(self, served: ServedModel, request: InferRequest, facts: ModelFacts) -> V2Answer:
         """The outputs and the response parameters (whether each item's top-1 clears the threshold)."""
         if request.images is not None:
