@@ -81,7 +81,7 @@ def running_server(
 ) -> Iterator[LiveServer]:
     """`imgclf serve --repo REPO` (or ``command``, which must listen on ``port``) with ``env`` added.
 
-    ``home`` holds BENTOML_HOME and ``server.log``. ``cwd`` (default: this checkout) is where BentoML
+    ``home`` holds BENTOML_HOME, the server's TMPDIR and ``server.log``. ``cwd`` (default: this checkout) is where BentoML
     imports the service from, so another checkout serves its own code. Raises RuntimeError with the
     log's tail when the server exits or is not ready within ``timeout_s``.
     """
@@ -90,8 +90,10 @@ def running_server(
         if repo is None:
             raise ValueError("give a repository or a command")
         command = serve_command(repo, port)
-    home.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+    tmp = home / "tmp"  # request spools of a killed worker stay here, not in the machine's /tmp
+    tmp.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "TMPDIR": str(tmp), "BENTOML_DO_NOT_TRACK": "true",
+                **(env or {})}
     log_path = home / "server.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
