@@ -104,6 +104,21 @@ class ExportProvenance(_Strict):
     quantization: dict[str, Any] | None = None
 
 
+class Variant(_Strict):
+    """Another file of this version for other hardware: same labels and preprocessing, checked at export."""
+
+    precision: Literal["int8", "fp16"]
+    file: str = Field(description="its name in files (so its sha256 is verified like the model's)")
+    preferred_on_cpu: bool = Field(default=False, description="passed export's accuracy check: CPUs serve it "
+                                   "unless IMGCLF_PRECISION=fp32 (service/precision.py)")
+    decision: str = Field(description="why it is or is not preferred, in words")
+    top1: float | None = Field(default=None, description="on the validation set, through ONNX Runtime")
+    agreement: float | None = Field(default=None, description="share of check images with fp32's top-1 class")
+    quantization: dict[str, Any] = Field(default_factory=dict, description="the recipe and what it measured")
+    selective: Selective | None = Field(default=None, description="its own confidence threshold (its scores "
+                                        "differ from fp32's); absent without a validation set")
+
+
 class Manifest(_Strict):
     schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str
@@ -126,4 +141,11 @@ class Manifest(_Strict):
     explain: ExplainSpec | None = Field(default=None, description="how POST /explain explains this model (CAM, "
                                         "Grad-CAM or occlusion); absent in manifests written before: occlusion")
 
+    variants: list[Variant] = Field(default_factory=list, description="other files of this version, e.g. int8")
+
     _check_name = field_validator("name")(classmethod(lambda cls, v: validate_name(v)))
+
+    def served_as(self, variant: Variant) -> Manifest:
+        """This manifest as the variant is served: its precision and its own confidence threshold."""
+        export = self.export.model_copy(update={"precision": variant.precision, "quantization": variant.quantization})
+        return self.model_copy(update={"export": export, "selective": variant.selective or self.selective})

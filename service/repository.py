@@ -141,8 +141,9 @@ class ModelRepository:
             raise VerificationError(f"{path}: cannot read {MANIFEST}: {exc}") from exc
         except ValidationError as exc:
             raise VerificationError(f"{path}: {MANIFEST} does not match schema: {exc}") from exc
-        if MODEL_FILE not in manifest.files:
-            raise VerificationError(f"{path}: {MANIFEST} does not list {MODEL_FILE}")
+        for listed in (MODEL_FILE, *(variant.file for variant in manifest.variants)):
+            if listed not in manifest.files:
+                raise VerificationError(f"{path}: {MANIFEST} does not list {listed} in files")
         for name, entry in manifest.files.items():
             file = path / name
             if Path(name).name != name or not file.is_file():

@@ -39,6 +39,11 @@ def check_device(device: Device) -> None:
         raise SessionError(f"IMGCLF_DEVICE=cuda but onnxruntime has no CUDA provider (available: {available})")
 
 
+def on_cuda(device: Device) -> bool:
+    """Whether a session for ``device`` runs on CUDA (``auto``: when the provider is installed)."""
+    return device in ("cuda", "auto") and CUDA in ort.get_available_providers()
+
+
 def create_session(
     model_path: str | os.PathLike[str] | bytes, device: Device = "cpu", intra_op_threads: int = 0
 ) -> ort.InferenceSession:
@@ -47,8 +52,7 @@ def create_session(
     ``model_path`` may be the model's bytes (what a Ray actor on another node receives).
     """
     check_device(device)
-    available = ort.get_available_providers()
-    providers = [CUDA, CPU] if device in ("cuda", "auto") and CUDA in available else [CPU]
+    providers = [CUDA, CPU] if on_cuda(device) else [CPU]
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -35,6 +35,9 @@ class Settings(BaseModel):
                                       "unset: the one model served, and a 400 listing them when there are several")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="cuda without a working CUDA "
                                                    "provider is a startup error")
+    precision: Literal["auto", "fp32"] = Field(default="auto", description="auto: on CPUs, a version's int8 "
+                                               "variant where export marked it preferred (it passed the accuracy "
+                                               "check); fp32: always the fp32 file")
     workers: int = Field(default=0, ge=0, description="worker processes, each with its own sessions; 0: one per "
                          "usable core (the fastest configuration measured: benchmarks/NOTES.md)")
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per session; 0: cores / workers")

@@ -75,14 +75,19 @@ def test_lite0_round_trip_and_int8(lite0_run: Path, tmp_path: Path) -> None:
     fp32 = export(exported, repo, "digits-lite0")
     # A 1-epoch 32x32 model is fragile under int8; the full-size figures are in benchmarks/int8_digits.py.
     int8 = export(exported, repo, "digits-lite0", precision="int8", max_top1_drop=0.05)
-    assert int8.manifest.export.precision == "int8"
-    q = int8.manifest.export.quantization
-    assert q["per_channel"] and q["format"] == "QDQ"
-    assert q["fp32_top1"] == pytest.approx(fp32.manifest.metrics.top1)
-    assert int8.manifest.metrics.top1 == pytest.approx(fp32.manifest.metrics.top1 - q["top1_drop"])
-    assert q["top1_drop"] <= 0.05
-    graph = onnx.load(str(int8.model_path)).graph
-    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    m = int8.manifest
+    assert m.export.precision == "fp32" and m.export.quantization is None  # model.onnx stays the fp32 file
+    (variant,) = m.variants
+    assert variant.precision == "int8" and variant.preferred_on_cpu and variant.file in m.files
+    q = variant.quantization
+    assert q["per_channel"] and q["format"] == "QDQ" and q["weight_bits"] in (7, 8)
+    assert set(q["weight_bits_measured"]) == {"7", "8"} and isinstance(q["checked_with_vnni"], bool)
+    assert q["fp32_top1"] == pytest.approx(fp32.manifest.metrics.top1) == pytest.approx(m.metrics.top1)
+    assert variant.top1 == pytest.approx(fp32.manifest.metrics.top1 - q["top1_drop"])
+    assert q["top1_drop"] <= 0.05 and "validation images" in variant.decision
+    assert variant.selective is not None and variant.selective.num_images == m.selective.num_images
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8.path / variant.file)).graph.node)
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8.model_path)).graph.node)
     with pytest.raises(ExportError, match="points below fp32"):
         export(exported, repo, "digits-lite0", precision="int8", max_top1_drop=-1.0)  # nothing may pass
     assert repo.versions("digits-lite0") == [1, 2]  # the refused variant left nothing behind

@@ -22,7 +22,8 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="training run directory (uses checkpoints/best.pt)")],
     name: Annotated[str, typer.Option("--name", help="model name in the repository")],
     repo: RepoOpt = None,
-    quantize: Annotated[str | None, typer.Option("--quantize", help="'int8': static QDQ quantization")] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="'int8': also write a static QDQ int8 "
+                                                  "file, served on CPUs where it passes the accuracy check")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="fp16 GPU variant, fp32 inputs/outputs kept")] = False,
     max_top1_drop: Annotated[float, typer.Option(help="refuse a variant losing more top-1 than this")] = 0.01,
     promote: Annotated[bool, typer.Option("--promote", help="make the new version production")] = False,
@@ -51,6 +52,9 @@ def export(
     m = version.manifest
     top1 = f"top-1 {m.metrics.top1:.4f}" if m.metrics.top1 is not None else "no metrics"
     typer.echo(f"registered {m.name}:{m.version} ({m.export.precision}, {m.export.exporter}, {top1}) at {version.path}")
+    for variant in m.variants:
+        verdict = "served on CPUs" if variant.preferred_on_cpu else "kept, fp32 served"
+        typer.echo(f"{variant.precision} variant {variant.file}: {verdict} ({variant.decision})")
     s = m.selective
     if s is not None and s.reached:
         typer.echo(f"confident from score {s.threshold:.6g}: precision {s.precision:.4f} at coverage "

@@ -21,6 +21,7 @@ from service.batch.job_state import JobIdentity, JobState, JobStateError, Output
 from service.batch.local import local_results, worker_pool
 from service.batch.progress import progress_bar
 from service.preprocessing import DecodeLimits
+from service.precision import served_file
 from service.repository import ModelRef, ModelRepository
 from service.settings import Settings, usable_cores
 
@@ -79,9 +80,10 @@ def run_batch(options: BatchOptions, settings: Settings, *, show_progress: bool 
     workers = options.workers or usable_cores()
     processed = 0
     if not state.finished:  # else only the interrupted run's clean-up was left
-        spec = ScorerSpec(str(version.model_path), manifest, options.top_k, options.batch_size,
-                          DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels),
-                          settings.device if options.engine == "local" else "cpu")
+        device = settings.device if options.engine == "local" else "cpu"
+        model_file, served = served_file(version, device, settings.precision)  # int8 where the server runs it
+        spec = ScorerSpec(str(model_file), served, options.top_k, options.batch_size,
+                          DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels), device)
         pending = PendingChunks(chunks(itertools.chain([first], listing), options.chunk_size), state)
         with ExitStack() as stack:
             if options.engine == "ray":

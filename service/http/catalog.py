@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from service.http.errors import ServiceError
 from service.http.served import BatchHook, ServedModel
+from service.precision import served_file
 from service.repository import PRODUCTION, ModelRef, ModelRepository
 from service.runtime import OnnxModel, check_device
 from service.settings import Settings
@@ -92,7 +93,8 @@ def plan(settings: Settings, repo: ModelRepository) -> tuple[list[Target], list[
 def _load(repo: ModelRepository, target: Target, settings: Settings, on_batch: BatchHook | None) -> ServedModel:
     """Verified (schema, sha256 of every file) and warmed up, ready to take traffic."""
     version = repo.get(target.name, target.version)
-    model = OnnxModel.load(version.model_path, version.manifest, settings.device, settings.threads_per_session)
+    model_file, manifest = served_file(version, settings.device, settings.precision)
+    model = OnnxModel.load(model_file, manifest, settings.device, settings.threads_per_session)
     served = ServedModel(model, settings.max_batch_size, settings.batch_wait_ms, on_batch)
     try:
         served.warm_up()

@@ -131,7 +131,8 @@ def models_response(catalog: Catalog, monitor: Monitor | None = None) -> ModelsR
     default = catalog.pick(None).key if catalog.default is not None else None
     return ModelsResponse(models=[
         ModelInfo(name=m.manifest.name, version=m.manifest.version, labels=len(m.manifest.labels),
-                  preprocessing=m.manifest.preprocessing, provider=m.provider, load_seconds=m.load_seconds,
+                  preprocessing=m.manifest.preprocessing, provider=m.provider, precision=m.manifest.export.precision,
+                  load_seconds=m.load_seconds,
                   default=m.key == default,
                   threshold=m.manifest.selective.threshold if m.manifest.selective else None,
                   selective=m.manifest.selective,

@@ -81,6 +81,8 @@ class ModelInfo(_Body):
     labels: int
     preprocessing: PreprocessSpec
     provider: str
+    precision: str = Field(description="of the file served: fp32, or int8 where export preferred its int8 variant "
+                           "on CPUs (IMGCLF_PRECISION=fp32 forces fp32)")
     load_seconds: float
     default: bool = Field(description="a request without `model` gets this version (IMGCLF_DEFAULT_MODEL, or the "
                           "only model served)")

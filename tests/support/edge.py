@@ -28,9 +28,9 @@ async def unreached(scope: dict, receive: object, send: object) -> None:
 
 
 def calls(edge: Edge, *steps: Step, counted: list[str] | None = None) -> list[httpx.Response]:
-    """POSTs ``(path, httpx keyword arguments)`` in order, all on one event loop (a model's batching task
-    lives on the loop of its first request); a callable step runs between two requests. ``counted``
-    receives the kind of every error the renderer counts."""
+    """Requests ``(path, httpx keyword arguments)`` in order (POST unless the arguments say ``method``), all
+    on one event loop (a model's batching task lives on the loop of its first request); a callable step
+    runs between two requests. ``counted`` receives the kind of every error the renderer counts."""
     app = edge.asgi(unreached, count=(lambda _kind: None) if counted is None else counted.append)
 
     async def run() -> list[httpx.Response]:
@@ -40,7 +40,8 @@ def calls(edge: Edge, *steps: Step, counted: list[str] | None = None) -> list[ht
                 if callable(step):
                     step()
                 else:
-                    out.append(await client.post(step[0], **step[1]))
+                    arguments = dict(step[1])
+                    out.append(await client.request(arguments.pop("method", "POST"), step[0], **arguments))
         return out
 
     return asyncio.run(run())

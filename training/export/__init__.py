@@ -3,8 +3,9 @@
 Nothing is registered until every check passes: the ONNX checker, no training-mode
 BatchNormalization/Dropout, a symbolic batch dimension (``onnx``), parity with PyTorch on real
 images through the shared preprocessing at batch sizes 1, 7 and 32, and batch invariance
-(``parity``). Quantized and fp16 variants (``variants``) must also keep their measured top-1
-within a threshold of fp32. The path: :func:`from_run` (or an :class:`ExportSource` built by hand)
+(``parity``). An int8 file is written beside the fp32 one as the version's CPU variant, preferred
+where it passes its check (``int8``); an fp16 export registers the fp16 file itself. Both must keep
+their measured top-1 within a threshold of fp32. The path: :func:`from_run` (or an :class:`ExportSource` built by hand)
 -> :func:`prepare` (a checked :class:`Candidate`) -> :func:`register`; :func:`export` does both.
 """
 
@@ -33,6 +34,7 @@ from service.manifest import (
     OutputSpec,
     ParityCheck,
     TrainingProvenance,
+    Variant,
 )
 from service.preprocessing import PreprocessSpec
 from service.repository import MODEL_FILE, ModelRepository, ModelVersion, sha256_file
@@ -44,6 +46,7 @@ from training.data import Sample, load_splits
 from training.explain.heads import ExplainHead, explain_head, occlusion_spec
 from training.export.card import model_card
 from training.export.errors import ExportError
+from training.export.int8 import VARIANT_FILE, int8_variant
 from training.export.onnx import OPSET, check_graph, output_shape, to_onnx
 from training.export.parity import (
     INVARIANCE_ATOL,
@@ -109,6 +112,7 @@ class Candidate:
     sha256: str  # of the checked file: registration refuses any other bytes
     explain: ExplainHead | None = None  # how to explain it: the manifest's spec and the head file's arrays
     measured: Measured | None = None  # confidence threshold and drift reference (validation); None without one
+    variants: list[tuple[Variant, Path, str]] = field(default_factory=list)  # with each checked file's sha256
 
 
 # --- measure and check -------------------------------------------------------------------------
@@ -139,13 +143,17 @@ def prepare(
     parity = check_parity(source.model, fp32, batch)
     parity.image_sources, parity.images_sha256 = sources, images_digest(source.check_images)
     report = evaluate_onnx(fp32, source.eval_samples, source.spec, source.labels) if source.eval_samples else None
-    final, quantization = fp32, None
-    if precision != "fp32":
-        final = workdir / f"{precision}.onnx"
-        if precision == "int8":
-            quantization = quantize_int8(fp32, final, preprocess_all(source.calibration_images, source.spec))
-        else:
-            quantization = convert_fp16(fp32, final)
+    final, quantization, variants = fp32, None, []
+    if precision == "int8":  # fp32 stays the version's file; int8 is its CPU variant (training/export/int8.py)
+        path = workdir / VARIANT_FILE
+        variant = int8_variant(fp32, path, preprocess_all(source.calibration_images, source.spec), batch,
+                               source.eval_samples, source.spec, source.labels, report, max_top1_drop,
+                               target_precision)
+        variants.append((variant, path, sha256_file(path)))
+        parity.variant_batch_invariance_max_diff = variant.quantization["batch_invariance_max_diff"]
+    elif precision == "fp16":
+        final = workdir / "fp16.onnx"
+        quantization = convert_fp16(fp32, final)
         check_graph(final)
         parity.variant_batch_invariance_max_diff = check_batch_invariance(
             create_session(final), batch, atol=VARIANT_INVARIANCE_ATOL)
@@ -162,8 +170,9 @@ def prepare(
     # The threshold for --target-precision, on the file registered (a variant's own scores), at its temperature.
     measured = None if report is None else measure(final, source.eval_samples, source.spec, source.labels,
                                                    report["temperature"], target_precision)
-    return Candidate(source, final, exporter, precision, parity, quantization, report, sha256_file(final), explain,
-                     measured)
+    registered: Precision = "fp16" if precision == "fp16" else "fp32"
+    return Candidate(source, final, exporter, registered, parity, quantization, report, sha256_file(final), explain,
+                     measured, variants)
 
 
 def _explain_head(source: ExportSource, batch: np.ndarray) -> ExplainHead:
@@ -229,11 +238,12 @@ def register(repo: ModelRepository, name: str, candidate: Candidate) -> ModelVer
         temperature = report["temperature"]
 
     def write(staging: Path, version: int) -> Manifest:
-        staging.joinpath(MODEL_FILE).write_bytes(candidate.path.read_bytes())
-        if sha256_file(staging / MODEL_FILE) != candidate.sha256:
-            raise ExportError(
-                f"{candidate.path} is not the file that passed the export checks (sha256 differs); nothing registered"
-            )
+        checked = [(candidate.path, MODEL_FILE, candidate.sha256), *((p, v.file, h) for v, p, h in candidate.variants)]
+        for path, file_name, sha256 in checked:
+            staging.joinpath(file_name).write_bytes(path.read_bytes())
+            if sha256_file(staging / file_name) != sha256:
+                raise ExportError(f"{path} is not the file that passed the export checks (sha256 differs); "
+                                  "nothing registered")
         if candidate.explain is not None:
             candidate.explain.save_arrays(staging)  # explain_head.npz: in the manifest's files, sha256 and all
         staging.joinpath("labels.txt").write_text("\n".join(source.labels) + "\n")
@@ -249,6 +259,7 @@ def register(repo: ModelRepository, name: str, candidate: Candidate) -> ModelVer
             files={}, explain=candidate.explain.spec if candidate.explain is not None else None,
             selective=candidate.measured.selective if candidate.measured else Selective.unmeasured(NO_VALIDATION),
             reference=candidate.measured.reference if candidate.measured else None,
+            variants=[variant for variant, _, _ in candidate.variants],
         )
         if candidate.measured is not None:
             risk_coverage_plot(candidate.measured.curve, candidate.measured.selective, staging / RISK_COVERAGE_PLOT)

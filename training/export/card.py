@@ -30,6 +30,8 @@ def model_card(manifest: Manifest) -> str:
             f"{e.exporter} exporter) over {len(manifest.labels)} classes: {', '.join(manifest.labels[:20])}"
             f"{', ...' if len(manifest.labels) > 20 else ''}."
         ),
+        *(f"**{v.precision} variant** (`{v.file}`): {'served on CPUs' if v.preferred_on_cpu else 'kept; fp32 is served'}"
+          f" ({v.decision})." for v in manifest.variants),
         "",
         (
             f"**Input.** {manifest.preprocessing.color_mode} images; shorter side resized to "

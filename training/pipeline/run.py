@@ -173,6 +173,7 @@ class _Run:
             self.record.export = {"file": self._rel(candidate.path), "sha256": candidate.sha256,
                                   "exporter": candidate.exporter, "precision": candidate.precision,
                                   "parity": parity.model_dump(mode="json"), "quantization": candidate.quantization,
+                                  "variants": [v.model_dump(mode="json") for v, _, _ in candidate.variants],
                                   "temperature": (candidate.report or {}).get("temperature", 1.0),
                                   "selective": candidate.measured.selective.model_dump(mode="json")
                                   if candidate.measured else None}
