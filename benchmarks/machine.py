@@ -17,13 +17,17 @@ NO_CACHE = {"IMGCLF_CACHE_ENTRIES": "0"}
 
 
 def cpu_model() -> str:
+    """The CPU's name and the instruction sets that change the figures: these hosts are all "AMD EPYC",
+    some with AVX-512 VNNI (int8 about 2x fp32) and some with AVX2 only (int8 1.4-1.6x)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa}, {'with' if vnni else 'no'} VNNI)"
 
 
 def machine_info(packages: tuple[str, ...] = ("torch", "torchvision", "timm", "onnxruntime", "numpy", "pillow")) -> dict[str, Any]:

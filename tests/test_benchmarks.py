@@ -113,8 +113,12 @@ def test_decoder_benchmark_runs(tmp_path: Path) -> None:
 
 
 def test_int8_imagenet_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> None:
+    chosen = ["8-bit weights, MinMax", "8-bit, MinMax, 8 worst layers fp32"]
     result = _bench("benchmarks.int8_imagenet", "--models", str(imagenet_repo), "--photos", "2", "--rounds", "1",
-                    "--out", str(tmp_path))
+                    "--recipes", *chosen, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "int8_imagenet.json").read_text())
-    assert payload["views"] == sum(r["views"] for r in payload["rows"]) > 0 and 0 <= payload["agreement"] <= 1
+    assert list(payload["recipes"]) == chosen
+    for recipe in payload["recipes"].values():
+        assert recipe["views"] == sum(r["views"] for r in recipe["rows"]) > 0 and 0 <= recipe["all"] <= 1
+    assert all(len(layers) == 8 for layers in payload["worst_layers"].values())
