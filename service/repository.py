@@ -185,7 +185,9 @@ class ModelRepository:
                 manifest = Manifest.model_validate(manifest.model_dump() | {"files": files})
                 if (manifest.name, manifest.version) != (name, version):
                     raise RepositoryError(f"manifest names {manifest.name}:{manifest.version}, not {name}:{version}")
-                atomic_write_text(staging / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+                # Without variants the field is left out: servers older than it refuse unknown fields.
+                unsaid = None if manifest.variants else {"variants"}
+                atomic_write_text(staging / MANIFEST, manifest.model_dump_json(indent=2, exclude=unsaid) + "\n")
                 self.verify_dir(staging)
                 for p in staging.iterdir():
                     with open(p, "rb") as fh:

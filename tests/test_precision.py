@@ -7,6 +7,7 @@ it, and that the answers are the int8 file's.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,9 @@ def test_a_variant_file_is_verified_like_the_model(int8_repo: ModelRepository, t
     (folder / MANIFEST).write_text(unlisted.model_dump_json())
     with pytest.raises(VerificationError, match="does not list model.int8.onnx"):
         repo.get(NAME, 2)
+
+
+def test_a_version_without_variants_is_written_as_before(int8_repo: ModelRepository) -> None:
+    """Servers older than variants refuse unknown manifest fields: only versions that have one say so."""
+    written = {v: json.loads((int8_repo.root / NAME / str(v) / MANIFEST).read_text()) for v in (1, 2)}
+    assert "variants" not in written[1] and written[2]["variants"][0]["file"] == INT8

@@ -59,21 +59,25 @@ def make_images(tmp: Path, distinct: int, megapixels: float) -> dict[str, list[b
             "bad": [b"this is not an image", good[: len(good) // 3], b"\x89PNG\r\n\x1a\n broken", good[:200]]}
 
 
+# phase, images, concurrent clients: throughput with a full queue, large photos, one client's latency
+PHASES = (("small", "small", 32), ("large", "large", 8), ("single", "small", 1))
+
+
 def measure_ceiling(images: dict[str, list[bytes]], version: Any, n_cores: int) -> dict[str, Any]:
     spec = version.manifest.preprocessing
     return {kind: measure.ceiling(images[kind], version.model_path, spec, n_cores) for kind in ("small", "large")}
 
 
 def run_server(server: Server, work: Path, images: dict[str, list[bytes]], args: argparse.Namespace) -> dict[str, Any]:
-    """One fresh server: the two load phases, then good and bad images at once."""
+    """One fresh server: the load phases, then good and bad images at once."""
     out: dict[str, Any] = {"ok": False}
     try:
         with server.start(work) as srv:
             out["ready_s"] = srv.ready_s
             out["details"] = srv.details()
-            for kind, concurrency in (("small", 32), ("large", 8)):
+            for kind, source, concurrency in PHASES:
                 time.sleep(args.settle)
-                out[kind] = measure.phase(srv.url, [srv.build(d) for d in images[kind]], concurrency, args.seconds,
+                out[kind] = measure.phase(srv.url, [srv.build(d) for d in images[source]], concurrency, args.seconds,
                                           args.warmup, srv.pid)
                 r = out[kind]
                 print(f"  {server.key:15s} {kind:5s} c={concurrency:<3d} {r['images_per_s']:6.1f} img/s  "
