@@ -81,9 +81,9 @@ def running_server(
 ) -> Iterator[LiveServer]:
     """`imgclf serve --repo REPO` (or ``command``, which must listen on ``port``) with ``env`` added.
 
-    ``home`` holds BENTOML_HOME, the server's TMPDIR and ``server.log``. ``cwd`` (default: this checkout) is where BentoML
-    imports the service from, so another checkout serves its own code. Raises RuntimeError with the
-    log's tail when the server exits or is not ready within ``timeout_s``.
+    ``home`` holds BENTOML_HOME, the server's TMPDIR and ``server.log``. ``cwd`` (default: this
+    checkout) is where BentoML imports the service from, so another checkout serves its own code.
+    Raises RuntimeError with the log's tail when the server exits or is not ready within ``timeout_s``.
     """
     port = port or free_port()
     if command is None:

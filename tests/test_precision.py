@@ -84,7 +84,7 @@ def test_imgclf_precision_fp32_forces_the_fp32_file(int8_repo: ModelRepository) 
 def test_the_choice_follows_the_check_and_the_cpu(int8_repo: ModelRepository,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = int8_repo.get(NAME, 2).manifest
-    with_variant = lambda variant: manifest.model_copy(update={"variants": [variant]})  # noqa: E731
+    with_variant = lambda variant: manifest.model_copy(update={"variants": [variant]})
     assert preferred_variant(with_variant(_variant()), "cpu") is not None
     assert preferred_variant(with_variant(_variant(preferred_on_cpu=False)), "cpu") is None
     assert preferred_variant(with_variant(_variant()), "cpu", "fp32") is None

@@ -20,8 +20,8 @@ from service.batch.job import BatchOptions, BatchSummary, Chunk, ScorerSpec, chu
 from service.batch.job_state import JobIdentity, JobState, JobStateError, OutputFormat
 from service.batch.local import local_results, worker_pool
 from service.batch.progress import progress_bar
-from service.preprocessing import DecodeLimits
 from service.precision import served_file
+from service.preprocessing import DecodeLimits
 from service.repository import ModelRef, ModelRepository
 from service.settings import Settings, usable_cores
 

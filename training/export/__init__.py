@@ -5,8 +5,9 @@ BatchNormalization/Dropout, a symbolic batch dimension (``onnx``), parity with P
 images through the shared preprocessing at batch sizes 1, 7 and 32, and batch invariance
 (``parity``). An int8 file is written beside the fp32 one as the version's CPU variant, preferred
 where it passes its check (``int8``); an fp16 export registers the fp16 file itself. Both must keep
-their measured top-1 within a threshold of fp32. The path: :func:`from_run` (or an :class:`ExportSource` built by hand)
--> :func:`prepare` (a checked :class:`Candidate`) -> :func:`register`; :func:`export` does both.
+their measured top-1 within a threshold of fp32. The path: :func:`from_run` (or an
+:class:`ExportSource` built by hand) -> :func:`prepare` (a checked :class:`Candidate`) ->
+:func:`register`; :func:`export` does both.
 """
 
 from __future__ import annotations

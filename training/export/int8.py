@@ -29,7 +29,12 @@ from training.export.errors import ExportError
 from training.export.onnx import check_graph
 from training.export.parity import check_batch_invariance, evaluate_onnx
 from training.export.selective import measure
-from training.export.variants import VARIANT_INVARIANCE_ATOL, Int8Recipe, quantize_int8
+from training.export.variants import (
+    EXPORT_RECIPE,
+    VARIANT_INVARIANCE_ATOL,
+    Int8Recipe,
+    quantize_int8,
+)
 
 log = logging.getLogger(__name__)
 VARIANT_FILE = "model.int8.onnx"
@@ -47,7 +52,7 @@ def agreement(fp32: Path, int8: Path, batch: np.ndarray) -> float:
 
 
 def quantize_measured(fp32: Path, out: Path, calibration: np.ndarray, check: np.ndarray,
-                      recipe: Int8Recipe = Int8Recipe()) -> dict[str, Any]:
+                      recipe: Int8Recipe = EXPORT_RECIPE) -> dict[str, Any]:
     """Quantize with 8-bit and 7-bit weights; keep the file whose top-1 agrees more with fp32 on ``check``.
 
     Ties go to 8 bits (more precision where it does not saturate). The returned settings carry both

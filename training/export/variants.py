@@ -46,9 +46,18 @@ class Int8Recipe:
                 "calibration_images": images, "keep_fp32": list(self.keep_fp32)}
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, recipe: Int8Recipe = Int8Recipe()) -> dict[str, Any]:
+EXPORT_RECIPE = Int8Recipe()
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, recipe: Int8Recipe = EXPORT_RECIPE) -> dict[str, Any]:
     """ONNX Runtime static QDQ quantization, calibrated on training images."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if recipe.calibrate_method != "MinMax" and len(calibration) > recipe.histogram_images:
