@@ -13,7 +13,7 @@ app = typer.Typer()
 
 # What a batch job reads from Settings (service/batch/runner.py: the repository, decode limits, device);
 # a bad serving-only variable such as IMGCLF_MAX_QUEUE does not stop a job.
-BATCH_FIELDS = ("model_repo", "device", "max_upload_bytes", "max_pixels")
+BATCH_FIELDS = ("model_repo", "device", "precision", "max_upload_bytes", "max_pixels")
 # BatchOptions field -> the flag that sets it, for error messages
 FLAGS = {"source": "INPUT", "format": "--format", "out": "--out", "model": "--model"}
 
