@@ -13,6 +13,7 @@ serves an 8-bit file only when it was checked without VNNI (``service.precision`
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -42,13 +43,10 @@ VARIANT_FILE = "model.int8.onnx"
 MIN_AGREEMENT = 0.99
 
 
-def agreement(fp32: Path, int8: Path, batch: np.ndarray) -> float:
-    """Share of images whose top-1 class is the same under both files (ONNX Runtime, batches of 32)."""
-    def top1(path: Path) -> np.ndarray:
-        session = create_session(path)
-        return np.concatenate([run_logits(session, batch[i:i + 32]).argmax(1) for i in range(0, len(batch), 32)])
-
-    return float((top1(fp32) == top1(int8)).mean())
+def top1(path: Path, batch: np.ndarray) -> np.ndarray:
+    """Each image's top-1 class under the file (ONNX Runtime, batches of 32)."""
+    session = create_session(path)
+    return np.concatenate([run_logits(session, batch[i:i + 32]).argmax(1) for i in range(0, len(batch), 32)])
 
 
 def quantize_measured(fp32: Path, out: Path, calibration: np.ndarray, check: np.ndarray,
@@ -59,14 +57,15 @@ def quantize_measured(fp32: Path, out: Path, calibration: np.ndarray, check: np.
     agreements and whether this CPU has VNNI, for the manifest.
     """
     measured: dict[int, float] = {}
+    reference = top1(fp32, check)
     with tempfile.TemporaryDirectory() as tmp:
         files = {bits: Path(tmp) / f"int8-w{bits}.onnx" for bits in (8, 7)}
         settings = {}
         for bits, path in files.items():
             settings[bits] = quantize_int8(fp32, path, calibration, replace(recipe, weight_bits=bits))
-            measured[bits] = agreement(fp32, path, check)
+            measured[bits] = float((top1(path, check) == reference).mean())
         bits = 8 if measured[8] >= measured[7] else 7
-        files[bits].replace(out)
+        shutil.move(files[bits], out)  # the temporary folder may be on another file system
     log.info("int8 weight bits: top-1 agreement with fp32 %s -> %d bits", measured, bits)
     return {**settings[bits], "weight_bits_measured": {str(b): a for b, a in measured.items()},
             "checked_images": len(check), "checked_with_vnni": cpu_has_vnni()}
