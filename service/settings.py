@@ -38,6 +38,9 @@ class Settings(BaseModel):
     precision: Literal["auto", "fp32"] = Field(default="auto", description="auto: on CPUs, a version's int8 "
                                                "variant where export marked it preferred (it passed the accuracy "
                                                "check); fp32: always the fp32 file")
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per log "
+                                                "line (time, level, logger, message, trace ids), for log shippers; "
+                                                "the container image sets it")
     workers: int = Field(default=0, ge=0, description="worker processes, each with its own sessions; 0: one per "
                          "usable core (the fastest configuration measured: benchmarks/NOTES.md)")
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per session; 0: cores / workers")

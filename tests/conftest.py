@@ -24,8 +24,9 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
 
 # Modules that take longest run first, so that with xdist's --dist loadfile no long module starts last
 # while the other worker has nothing left (longest first is the classic fix; measured in docs/testing.md).
-LONGEST_FIRST = ("test_benchmarks", "test_export", "test_batch", "test_pipeline", "test_distributed", "test_faults",
-                 "test_readme", "test_reliability", "test_explain_cli", "test_training", "test_hostile", "test_cli")
+LONGEST_FIRST = ("test_container", "test_benchmarks", "test_export", "test_batch", "test_pipeline", "test_distributed",
+                 "test_faults", "test_readme", "test_reliability", "test_explain_cli", "test_training", "test_hostile",
+                 "test_cli")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -67,9 +67,10 @@ def copy_project(dst: Path) -> Path:
     """The files a build reads, without the model repository (as in a fresh clone in CI)."""
     shutil.copytree(ROOT / "service", dst / "service", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "bentofile.yaml", dst / "bentofile.yaml")
-    setup_script = _bentofile()["docker"]["setup_script"]
-    (dst / setup_script).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ROOT / setup_script, dst / setup_script)
+    docker = _bentofile()["docker"]
+    for path in (docker["setup_script"], docker["dockerfile_template"]):  # files the bentofile names
+        (dst / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / path, dst / path)
     return dst
 
 
@@ -233,7 +234,8 @@ def test_bento_image_runs_as_a_non_root_user_that_owns_only_its_state(checkout_b
     assert users and users[-1] not in ("root", "0")
     uid = next(line.split("=")[1] for line in dockerfile if line.startswith("ARG BENTO_USER_UID="))
     assert int(uid) != 0
-    runs_script = [i for i, line in enumerate(dockerfile) if line.startswith("RUN ") and "script__" in line]
+    runs_script = [i for i, line in enumerate(dockerfile)
+                   if line.startswith("RUN ") and ("script__" in line or line.rstrip().endswith("/setup_script"))]
     last_user = max(i for i, line in enumerate(dockerfile) if line.startswith("USER "))
     assert runs_script and runs_script[-1] < last_user
     script = (ROOT / _bentofile()["docker"]["setup_script"]).read_text()

@@ -30,6 +30,7 @@ from service.http.classify import checked_min_score, classify_many, classify_one
 from service.http.edge import Edge, Worker, build_app
 from service.http.errors import ASGIApp
 from service.http.explain_route import ExplainOptions, explain_one
+from service.http.logs import use_json_logs
 from service.http.routes import models_response
 from service.http.schemas import (
     BatchResponse,
@@ -42,6 +43,8 @@ from service.memory import limit_malloc_arenas
 from service.settings import Settings
 
 settings = Settings.from_env()  # the one place the service reads its environment
+if settings.log_format == "json":
+    use_json_logs()  # in the serving process and in each worker, after BentoML set its handlers up
 JSONLines = Annotated[str, ContentType("application/x-ndjson")]
 MinScore = Annotated[float | None, Field(ge=0, le=1, description="this request's confidence threshold")]
 
