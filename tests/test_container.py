@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,9 +168,9 @@ def test_runs_as_non_root_and_writes_only_its_state(served: tuple[Container, lis
         assert box.exec("sh", "-c", f"touch {path} && rm {path}").returncode == 0, path
 
 
-def test_the_kubernetes_probes_and_ports_answer(served: tuple[Container, list[str]]) -> None:
+def test_the_kubernetes_probes_ports_and_metric_answer(served: tuple[Container, list[str]], chelsea: bytes) -> None:
     """deployment.yaml's startup, readiness and liveness probes (path, named port) on the running image,
-    and its gRPC port (Kubernetes' grpc health would ask the same server)."""
+    its gRPC port (Kubernetes' grpc health would ask the same server) and hpa.yaml's metric."""
     import tritonclient.grpc as grpcclient
 
     box, _ = served
@@ -181,6 +182,12 @@ def test_the_kubernetes_probes_and_ports_answer(served: tuple[Container, list[st
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{box.ports[ports['grpc']]}")
     assert grpc.is_server_ready() and grpc.is_model_ready(MODEL)
     grpc.close()
+    # hpa.yaml's metric, as the image exports it (BentoML labels a series on an endpoint's first request)
+    from tests.test_kubernetes import hpa_custom_metric
+
+    assert box.client.post("/classify", files={"image": ("chelsea.jpg", chelsea)}).status_code == 200
+    metrics = box.client.get("/metrics").text
+    assert re.search(rf'^{hpa_custom_metric()}\{{[^}}]*endpoint="/classify"', metrics, re.MULTILINE), metrics[:2000]
 
 
 def post_once(url: str, photo: bytes) -> str:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 #: The folder under BENTOML_HOME that holds the service's own job claims.
 JOBS_FOLDER = "imgclf-jobs"
+# The loggers bentoml._internal.log's server configuration gives handlers to, in the serving process and
+# in every worker, before the service module is imported (service/http/logs.py reformats them).
+SERVER_LOGGERS = ("", "bentoml", "circus", "uvicorn.error")
 
 
 def home() -> Path:

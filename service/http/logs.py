@@ -1,7 +1,7 @@
 """JSON log lines (``IMGCLF_LOG_FORMAT=json``): one object per line, what log shippers parse.
 
-BentoML has no setting for its log format: it configures its own handlers (``bentoml._internal.log``)
-in the serving process and in every worker before the service module is imported. So the module
+BentoML has no setting for its log format: it configures its own handlers (``bento.SERVER_LOGGERS``)
+in the serving process and in every worker before the service module is imported. So the service
 swaps the formatter of those handlers on import, in each process, and every line they write (the
 access log, BentoML's messages, ours) comes out as JSON.
 """
@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any
 
-# The loggers BentoML's server configuration gives handlers to (bentoml._internal.log).
-CONFIGURED = ("", "bentoml", "circus", "uvicorn.error")
+from service.http.bento import SERVER_LOGGERS
+
 # What BentoML's tracing filter adds to a record, when it is set.
 EXTRAS = ("component", "trace_id", "span_id", "sampled", "request_id")
 
@@ -45,7 +45,7 @@ def use_json_logs() -> None:
     """
     import onnxruntime
 
-    for name in CONFIGURED:
+    for name in SERVER_LOGGERS:
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(JsonFormatter())
     onnxruntime.set_default_logger_severity(3)
