@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from imgclf.devserver import free_port
-from tests.support import ROOT, images
+from tests.support import ROOT, images, unavailable
 from tests.support.container import (
     BASE_IMAGE,
     HTTP_PORT,
@@ -43,24 +43,14 @@ from tests.support.container import (
     running,
     wait_ready,
 )
+from tests.support.manifests import cpu_container, env, hpa_custom_metric, named_ports
 from tests.support.once import built_once
-from tests.test_kubernetes import container as manifest_container
-from tests.test_kubernetes import deployments, env
 
 pytestmark = pytest.mark.slow
 
 NAME = "imgclf-pytest"
 MODEL = "imagenet-lite0"
 MAX_IMAGE_BYTES = 700 * 1000 * 1000  # the issue's goal; BentoML's stock template made 1.43 GB
-
-
-def deployment() -> dict:
-    """deploy/kubernetes/deployment.yaml's container: the settings and ports the running image must honour."""
-    return manifest_container(deployments()["deployment.yaml"]["spec"]["template"]["spec"])
-
-
-def manifest_ports() -> dict[str, int]:
-    return {p["name"]: int(p["containerPort"]) for p in deployment()["ports"]}
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +76,8 @@ def served(image: str, models: Path, request: pytest.FixtureRequest) -> Iterator
     """The image with deployment.yaml's settings (workers, gRPC port, timeouts; not BENTOML_HOME and TMPDIR:
     a plain `--read-only` run must work without knowing them) and its ports published; what /readyz
     answered until ready."""
-    settings = {k: v for k, v in env(deployment()).items() if not v.startswith(STATE_DIR)}
-    ports = [p for p in manifest_ports().values() if p != HTTP_PORT]
+    settings = {k: v for k, v in env(cpu_container()).items() if not v.startswith(STATE_DIR)}
+    ports = [p for p in named_ports(cpu_container()).values() if p != HTTP_PORT]
     worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
     with running(image, models, f"{NAME}-{worker}", settings, ports) as box:
         yield box, wait_ready(box)
@@ -130,7 +120,7 @@ def test_chelsea_is_a_tiger_cat_over_classify_v2_rest_and_v2_grpc(served: tuple[
     rest = box.client.post(f"/v2/models/{MODEL}/infer", json=body)
     assert rest.status_code == 200, rest.text
     assert rest.json()["outputs"][0]["data"][0].split(":", 2)[2] == "tiger cat"
-    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{box.ports[manifest_ports()['grpc']]}")
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{box.ports[named_ports(cpu_container())['grpc']]}")
     tensor = grpcclient.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([chelsea], dtype=np.object_))
     result = grpc.infer(MODEL, [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=1)])
@@ -174,7 +164,7 @@ def test_the_kubernetes_probes_ports_and_metric_answer(served: tuple[Container, 
     import tritonclient.grpc as grpcclient
 
     box, _ = served
-    spec, ports = deployment(), manifest_ports()
+    spec, ports = cpu_container(), named_ports(cpu_container())
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = spec[probe]["httpGet"]
         answer = httpx.get(box.url(ports[get["port"]]) + get["path"], timeout=spec[probe]["timeoutSeconds"])
@@ -183,8 +173,6 @@ def test_the_kubernetes_probes_ports_and_metric_answer(served: tuple[Container, 
     assert grpc.is_server_ready() and grpc.is_model_ready(MODEL)
     grpc.close()
     # hpa.yaml's metric, as the image exports it (BentoML labels a series on an endpoint's first request)
-    from tests.test_kubernetes import hpa_custom_metric
-
     assert box.client.post("/classify", files={"image": ("chelsea.jpg", chelsea)}).status_code == 200
     metrics = box.client.get("/metrics").text
     assert re.search(rf'^{hpa_custom_metric()}\{{[^}}]*endpoint="/classify"', metrics, re.MULTILINE), metrics[:2000]
@@ -254,10 +242,7 @@ def podman_compose() -> Path:
     """podman-compose from this venv (the dev extra), or skip (fail under CI=true)."""
     found = Path(sys.executable).with_name("podman-compose")
     if not found.is_file():
-        message = "podman-compose is not installed: pip install -e '.[dev]'"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {message}", pytrace=False)
-        pytest.skip(message)
+        unavailable("podman-compose is not installed: pip install -e '.[dev]'")
     return found
 
 

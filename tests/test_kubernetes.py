@@ -32,12 +32,22 @@ from service.http.v2.grpc_server import GrpcFront
 from service.http.v2.route import Route, match
 from service.settings import Settings, env_name
 from tests.support import ROOT
+from tests.support.manifests import (
+    DEPLOY,
+    Doc,
+    container,
+    deployments,
+    documents,
+    env,
+    hpa_custom_metric,
+    plain_files,
+    pod_specs,
+    the,
+)
 from tests.support.servers import classify
 
 KUBE_VERSION = "1.31.0"  # pinned: a newer kubernetes-validate (it bundles 1.x schemas up to its own version)
 # cannot change the verdict, and clusters this old must still take the manifests
-DEPLOY = ROOT / "deploy" / "kubernetes"
-KSERVE_API = "serving.kserve.io/v1beta1"
 KSERVE_SCHEMA = DEPLOY / "schemas" / "inferenceservice-v1beta1.json"
 ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
 READINESS = "/readyz"  # the route table's ReadyRoute: 200 once every model is loaded and warmed up
@@ -45,51 +55,6 @@ LIVENESS = "/livez"  # BentoML's own
 KSERVE_READY, KSERVE_LIVE = "/v2/health/ready", "/v2/health/live"  # the Open Inference Protocol's
 KSERVE_MODELS = "/mnt/models"  # where KServe puts what STORAGE_URI names
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
-
-Doc = dict[str, Any]
-
-
-def documents(path: Path) -> list[Doc]:
-    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
-
-
-def manifest_files() -> list[Path]:
-    """Every manifest; prometheus-adapter/values.yaml (Helm values, not a resource) sits in a subfolder."""
-    return sorted(DEPLOY.glob("*.yaml"))
-
-
-def plain_files() -> list[Path]:
-    """The manifests of Kubernetes' own kinds (all but KServe's)."""
-    return [p for p in manifest_files() if all(d["apiVersion"] != KSERVE_API for d in documents(p))]
-
-
-def of_kind(kind: str) -> list[Doc]:
-    return [d for p in manifest_files() for d in documents(p) if d["kind"] == kind]
-
-
-def the(kind: str) -> Doc:
-    (doc,) = of_kind(kind)
-    return doc
-
-
-def deployments() -> dict[str, Doc]:
-    """The Deployments by file: deployment.yaml (CPU) and deployment-gpu.yaml."""
-    return {p.name: d for p in manifest_files() for d in documents(p) if d["kind"] == "Deployment"}
-
-
-def pod_specs() -> dict[str, Doc]:
-    """Every pod spec by file: the Deployments' templates and the InferenceService's predictor."""
-    pods = {name: d["spec"]["template"]["spec"] for name, d in deployments().items()}
-    return pods | {"inferenceservice.yaml": the("InferenceService")["spec"]["predictor"]}
-
-
-def container(pod: Doc) -> Doc:
-    (only,) = pod["containers"]
-    return only
-
-
-def env(c: Doc) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
 
 
 def cores(quantity: str | int) -> float:
@@ -315,11 +280,6 @@ def bentoml_in_progress_gauge() -> str:
     config = resources.files("bentoml._internal.configuration.v2").joinpath("default_configuration.yaml")
     namespace = yaml.safe_load(config.read_text(encoding="utf-8"))["services"]["metrics"]["namespace"]
     return f"{namespace}_request_in_progress"
-
-
-def hpa_custom_metric() -> str:
-    (pods,) = [m["pods"] for m in the("HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods"]
-    return pods["metric"]["name"]
 
 
 def test_the_hpa_scales_on_a_metric_the_adapter_serves_from_the_service() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
+from tests.support import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,11 @@ def require_binaries() -> Binaries:
     """The browser, or skip (fail when ``CI=true``) with the command that installs it."""
     found = find_binaries()
     if found is None:
-        message = f"no chromium + chromedriver on this machine: {INSTALL} (Debian packages)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: the browser tests must run. {message}", pytrace=False)
-        pytest.skip(message)
+        unavailable(f"no chromium + chromedriver on this machine: {INSTALL} (Debian packages)")
     try:
         import selenium  # noqa: F401
     except ImportError:  # the dev extra is not installed
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true: selenium is missing (pip install -e '.[dev]')", pytrace=False)
-        pytest.skip("selenium is not installed: pip install -e '.[dev]'")
+        unavailable("selenium is not installed: pip install -e '.[dev]'")
     return found
 
 
