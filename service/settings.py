@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -17,7 +18,12 @@ from pydantic import (
     model_validator,
 )
 
+from service.repository import Repository, open_repository
+from service.urls import is_url
+
 MULTI_WORKER_POLL_SECONDS = 2.0
+# A folder (a Path is taken) or a URL; kept as text: Path("s3://b/p") would lose a slash.
+RepoLocation = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 
 
 def usable_cores() -> int:
@@ -28,7 +34,14 @@ def usable_cores() -> int:
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_repo: Path = Field(default=Path("models"), description="the model repository")
+    model_repo: RepoLocation = Field(default="models", description="the model repository: a folder, or an "
+                                     "fsspec URL such as s3://bucket/prefix (pip install 'imgclf[s3]'), read "
+                                     "through a verified local cache")
+    repo_cache: Path | None = Field(default=None, description="the local cache of a repository at a URL; "
+                                    "unset: ~/.cache/imgclf/repositories/<hash of the URL>")
+    store_writes: Literal["auto", "conditional", "lock"] = Field(
+        default="auto", description="how writers to a repository at a URL exclude each other: conditional puts, "
+        "or a lock object for stores without them; auto: probe the store (service/objectstore.py)")
     models: list[str] = Field(default_factory=list, description="NAME[:VERSION] to load, comma-separated; "
                               "default: the production version of every model")
     default_model: str | None = Field(default=None, description="the model a request without `model` gets; "
@@ -77,7 +90,10 @@ class Settings(BaseModel):
     max_batch_jobs: int = Field(default=2, ge=1, description="/batch jobs queued or running per worker; more "
                                 "get 503 with Retry-After")
     poll_seconds: float = Field(default=0.0, ge=0, description="re-read the aliases every N seconds and reload "
-                                "when production changed; 0: off (2 s when IMGCLF_WORKERS > 1)")
+                                "when production or a rollout changed; 0: off (2 s when IMGCLF_WORKERS > 1 "
+                                "or the repository is a URL)")
+    shadow_queue: int = Field(default=64, ge=1, description="images waiting to be scored by a shadow candidate, "
+                              "per worker; a sampled image that finds it full is dropped (counted), never waited for")
     grpc_port: int | None = Field(default=None, ge=1, le=65535, description="serve the Open Inference Protocol "
                                   "(KServe V2) over gRPC on this port, in every worker (SO_REUSEPORT); unset: off")
     grpc_host: str = Field(default="0.0.0.0", description="address the V2 gRPC server listens on")
@@ -110,7 +126,7 @@ class Settings(BaseModel):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("admin_token", "grpc_port", "sample_dir", "default_model", mode="before")
+    @field_validator("admin_token", "grpc_port", "sample_dir", "default_model", "repo_cache", mode="before")
     @classmethod
     def _blank_is_off(cls, value: object) -> object:
         """A variable set but empty means unset, as a shell user expects of an optional setting."""
@@ -128,8 +144,19 @@ class Settings(BaseModel):
     @property
     def watch_seconds(self) -> float:
         """How often each worker checks the aliases. With several workers an admin reload reaches only
-        one of them, so the others must watch to converge: polling is on by default then."""
-        return self.poll_seconds or (MULTI_WORKER_POLL_SECONDS if self.worker_count > 1 else 0.0)
+        one of them, so the others must watch to converge; a repository in object storage is shared by
+        replicas: polling is on by default for both."""
+        shared = self.worker_count > 1 or self.repo_is_url
+        return self.poll_seconds or (MULTI_WORKER_POLL_SECONDS if shared else 0.0)
+
+    def repository(self) -> Repository:
+        """The model repository these settings name: a folder, or a URL read through its cache."""
+        return open_repository(self.model_repo, self.repo_cache, self.store_writes)
+
+    @property
+    def repo_is_url(self) -> bool:
+        """Whether the repository is in object storage (replicas elsewhere change it: watch it)."""
+        return is_url(self.model_repo)
 
     @property
     def threads_per_session(self) -> int:

@@ -7,6 +7,7 @@ Helpers that tests import live in tests/support/ (a test module never imports co
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from tests.support.cli import in_process
 from tests.support.images import digit_images, write_image
 from tests.support.once import built_once
+from tests.support.seaweed import SeaweedFS
 
 # Under pytest-xdist each worker (and every subprocess it starts) gets its share of the cores: torch's
 # OpenMP threads wait by spinning, and two workers with one thread per core each made the training tests
@@ -24,8 +26,8 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
 
 # Modules that take longest run first, so that with xdist's --dist loadfile no long module starts last
 # while the other worker has nothing left (longest first is the classic fix; measured in docs/testing.md).
-LONGEST_FIRST = ("test_container", "test_benchmarks", "test_export", "test_batch", "test_pipeline", "test_distributed",
-                 "test_faults", "test_readme", "test_reliability", "test_explain_cli", "test_training", "test_hostile",
+LONGEST_FIRST = ("test_container", "test_fleet", "test_benchmarks", "test_objectstore", "test_batch_objectstore",
+                 "test_export", "test_batch", "test_pipeline", "test_distributed", "test_faults", "test_readme", "test_reliability", "test_explain_cli", "test_training", "test_hostile",
                  "test_cli")
 
 
@@ -39,6 +41,7 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     """No test reads or writes the user's caches; torch hub downloads find an empty cache."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))  # object-store repositories' caches, batch state
     monkeypatch.setenv("BENTOML_HOME", str(home / "bentoml"))
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -76,6 +79,15 @@ def lite0_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cfg = {"model": {"arch": "efficientnet_lite0", "pretrained": True, "image_size": 32}, "epochs": 1, "seed": 0}
     return built_once(tmp_path_factory, "lite0_digits_run", lambda run: train(resolve_config(None, cfg), run))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A running SeaweedFS (S3 at ``.endpoint``), one per xdist worker; it sets no variable: pass ``.env()``
+    to subprocesses, ``monkeypatch.setenv`` it in process. Tests make their own buckets; one that stops or
+    kills it must ``start()`` it again."""
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 def pytest_configure(config: pytest.Config) -> None:

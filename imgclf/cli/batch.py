@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +12,7 @@ app = typer.Typer()
 
 # What a batch job reads from Settings (service/batch/runner.py: the repository, decode limits, device);
 # a bad serving-only variable such as IMGCLF_MAX_QUEUE does not stop a job.
-BATCH_FIELDS = ("model_repo", "device", "precision", "max_upload_bytes", "max_pixels")
+BATCH_FIELDS = ("model_repo", "repo_cache", "store_writes", "device", "precision", "max_upload_bytes", "max_pixels")
 # BatchOptions field -> the flag that sets it, for error messages
 FLAGS = {"source": "INPUT", "format": "--format", "out": "--out", "model": "--model"}
 
@@ -24,7 +23,8 @@ def batch(
         metavar="INPUT", help="directory (recursive), glob, or manifest (one path per line, or CSV with a path "
         "column); fsspec URLs (s3://, gs://, file://) when their filesystem package is installed")],
     model: Annotated[str, typer.Option("--model", help="NAME or NAME:VERSION (NAME: its production version)")],
-    out: Annotated[Path, typer.Option("--out", help="output file; appears only when complete")],
+    out: Annotated[str, typer.Option("--out", help="output file or fsspec URL (s3://bucket/key.jsonl); appears "
+                                     "only when complete (a URL's job is staged in ~/.cache/imgclf/batch)")],
     fmt: Annotated[str | None, typer.Option("--format", help="csv, jsonl or parquet (default: from --out)")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per ONNX Runtime call and per "
@@ -56,7 +56,7 @@ def batch(
                                workers=workers, chunk_size=chunk_size, ordered=ordered, resume=resume,
                                overwrite=overwrite, engine=engine, executor=executor, ray_address=ray_address,
                                kill_at=kill_at)
-    job_settings = settings(BATCH_FIELDS, repository(repo).root)
+    job_settings = settings(BATCH_FIELDS, repository(repo).location)
     with user_errors(ValueError):  # e.g. an unreadable manifest or an unusable output path
         summary = run_batch(options, job_settings, show_progress=sys.stderr.isatty())
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(summary.errors_by_kind.items())) or "none"

@@ -19,7 +19,7 @@ import typer
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-    from service.repository import ModelRepository
+    from service.repository import Repository
     from service.settings import Settings
 
 TRAIN_EXTRA_HINT = "this command needs the training extra: pip install 'imgclf[train]'"
@@ -114,10 +114,10 @@ def require_training() -> None:
 
 # --- settings and the model repository ---------------------------------------------------------------
 
-REPO_FIELDS = ("model_repo",)
+REPO_FIELDS = ("model_repo", "repo_cache", "store_writes")
 
 
-def settings(only: tuple[str, ...] | None, repo: Path | None = None, **flags: object) -> Settings:
+def settings(only: tuple[str, ...] | None, repo: str | Path | None = None, **flags: object) -> Settings:
     """Settings for one command: only the ``IMGCLF_*`` variables of ``only`` (None: all) are read, so a
     bad variable that a command does not use cannot stop it. Flags override their variables."""
     from pydantic import ValidationError
@@ -131,15 +131,14 @@ def settings(only: tuple[str, ...] | None, repo: Path | None = None, **flags: ob
         raise CliError(format_settings_error(exc, given | ({"model_repo": "--repo"} if repo else {}))) from exc
 
 
-def repository(repo: Path | None, *, must_exist: bool = True) -> ModelRepository:
-    """The model repository of --repo or IMGCLF_MODEL_REPO; reading commands need it to exist."""
-    from service.repository import ModelRepository
-
-    root = settings(REPO_FIELDS, repo).model_repo
-    if must_exist and not root.is_dir():
-        fail(f"no model repository at {root} (set by --repo or IMGCLF_MODEL_REPO, default models/); "
+def repository(repo: str | Path | None, *, must_exist: bool = True) -> Repository:
+    """The model repository of --repo or IMGCLF_MODEL_REPO (a folder, or a URL through its local cache);
+    reading commands need a folder to exist."""
+    found = settings(REPO_FIELDS, repo)
+    if must_exist and not found.repo_is_url and not Path(found.model_repo).is_dir():
+        fail(f"no model repository at {found.model_repo} (set by --repo or IMGCLF_MODEL_REPO, default models/); "
              "create one with `imgclf bootstrap` or `imgclf export`")
-    return ModelRepository(root)
+    return found.repository()  # RepositoryError (e.g. s3:// without s3fs) is a user error: one line
 
 
 def model_ref(text: str) -> Any:
@@ -162,7 +161,8 @@ BatchOpt = Annotated[int | None, typer.Option("--batch-size")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="peak learning rate")]
 SizeOpt = Annotated[int | None, typer.Option("--image-size", help="square model input size")]
 SeedOpt = Annotated[int | None, typer.Option("--seed")]
-RepoOpt = Annotated[Path | None, typer.Option("--repo", help="model repository (default $IMGCLF_MODEL_REPO or models/)")]
+RepoOpt = Annotated[str | None, typer.Option("--repo", help="model repository: a folder or a URL such as "
+                                               "s3://bucket/prefix (default $IMGCLF_MODEL_REPO or models/)")]
 
 # flag -> where it goes in the training config
 _TRAIN_KEYS: dict[str, tuple[str, ...]] = {

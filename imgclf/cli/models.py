@@ -73,7 +73,7 @@ def bootstrap(repo: RepoOpt = None) -> None:
     target = repository(repo, must_exist=False)
     version = run_bootstrap(target)
     if version is None:
-        typer.echo(f"{NAME} already in {target.root}; nothing changed")
+        typer.echo(f"{NAME} already in {target.location}; nothing changed")
     else:
         typer.echo(f"registered {NAME}:{version.manifest.version} at {version.path}")
 
@@ -84,10 +84,13 @@ def models_list(repo: RepoOpt = None) -> None:
     found = repository(repo)
     names = found.names()
     if not names:
-        typer.echo(f"no models in {found.root}")
+        typer.echo(f"no models in {found.location}")
     for name in names:
         aliases = found.aliases(name)
         tags = {v: [a for a, av in aliases.items() if av == v] for v in found.versions(name)}
+        trial = found.rollout(name)
+        if trial is not None:
+            tags.setdefault(trial.version, []).append(f"{trial.mode} {trial.weight:g}")
         typer.echo(f"{name}: " + ", ".join(f"{v}" + (f" ({'/'.join(t)})" if t else "") for v, t in tags.items()))
 
 
@@ -124,3 +127,25 @@ def models_promote(name: str, version: int, repo: RepoOpt = None) -> None:
 def models_rollback(name: str, repo: RepoOpt = None) -> None:
     """Swap production and previous."""
     typer.echo(json.dumps(repository(repo).rollback(model_ref(name).name)))
+
+
+@models_app.command("canary")
+def models_canary(
+    name: str,
+    version: Annotated[int | None, typer.Argument(help="the candidate (not production)")] = None,
+    weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of the requests that name no version: "
+                                          "answered by the candidate (canary), or also scored by it (--shadow)")] = 0.1,
+    shadow: Annotated[bool, typer.Option("--shadow", help="production answers; the candidate scores a sample "
+                                         "off the request path and each replica records how the two compare")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="end the rollout under way (production unchanged)")] = False,
+    repo: RepoOpt = None,
+) -> None:
+    """Roll VERSION out beside production: replicas pick it up on their next poll (GET /models shows it).
+    Promote it with `imgclf models promote`, or end it with --stop."""
+    found, model = repository(repo), model_ref(name).name
+    if stop:
+        typer.echo(json.dumps(found.end_rollout(model)))
+        return
+    if version is None:
+        fail("name the candidate VERSION, or pass --stop to end the rollout under way")
+    typer.echo(json.dumps(found.start_rollout(model, version, "shadow" if shadow else "canary", weight)))

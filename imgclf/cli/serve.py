@@ -28,8 +28,9 @@ def serve(
     checked = settings(None, repo)  # every IMGCLF_* variable, checked here: a bad one is one line, not a traceback
     found = repository(repo)
     if not found.names():
-        fail(f"no models in {found.root}; run `imgclf bootstrap` or `imgclf export` first")
-    env = {**os.environ, "IMGCLF_MODEL_REPO": str(found.root.resolve()), "BENTOML_DO_NOT_TRACK": "true"}
+        fail(f"no models in {found.location}; run `imgclf bootstrap` or `imgclf export` first")
+    location = found.location if checked.repo_is_url else str(found.root.resolve())  # workers start elsewhere
+    env = {**os.environ, "IMGCLF_MODEL_REPO": location, "BENTOML_DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", host, "--port", str(port),
                "--timeout-keep-alive", str(checked.keepalive_s)]  # idle keep-alive connections are closed
     os.execvpe(command[0], command, env)

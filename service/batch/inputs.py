@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.preprocessing import IMAGE_SUFFIXES, ImageTooLargeError
+from service.urls import UnusableUrlError, filesystem
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -66,13 +67,9 @@ def _walk_fsspec(url: str) -> Iterator[str]:
 
 def _filesystem(url: str):  # fsspec is untyped
     try:
-        import fsspec
-
-        return fsspec.core.url_to_fs(url)
-    except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed
-        raise InputError(f"cannot read {url}: {exc}") from exc
-    except ValueError as exc:
-        raise InputError(f"cannot read {url}: {exc}") from exc
+        return filesystem(url)
+    except UnusableUrlError as exc:
+        raise InputError(f"cannot read {exc}") from exc
 
 
 def _manifest_lines(lines: Iterator[str], base: str | None = None) -> Iterator[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.batch.job_state import KillPoint, OutputFormat
 from service.batch.rows import Item
@@ -30,7 +30,8 @@ class BatchOptions(BaseModel):
 
     source: str = Field(description="directory, glob, or manifest (one path per line, or CSV with a path column)")
     model: str = Field(description="NAME or NAME:VERSION; NAME means its production version")
-    out: Path
+    out: Path | str = Field(description="output file, or an fsspec URL (s3://bucket/prefix/scores.jsonl): "
+                            "service/batch/outputs.py")
     format: OutputFormat | None = Field(default=None, description="default: from the output's suffix, else jsonl")
     top_k: int = Field(default=5, ge=1)
     batch_size: int = Field(default=8, ge=1, description="images per ONNX Runtime call and per worker task; "
@@ -48,9 +49,15 @@ class BatchOptions(BaseModel):
         default=None, description="TESTS ONLY: SIGKILL this process at that point of the job's durable writes "
         "(service/batch/job_state.py), so that resume can be tested at every point; never set it otherwise")
 
+    @field_validator("out", mode="before")
+    @classmethod
+    def _path_or_url(cls, value: object) -> object:
+        """A URL stays a string (a Path would fold ``s3://b`` into ``s3:/b``); anything else is a local path."""
+        return Path(value) if isinstance(value, str) and "://" not in value else value
+
 
 class BatchSummary(BaseModel):
-    out: Path
+    out: Path | str
     model: str
     version: int
     total: int

@@ -1,6 +1,7 @@
 """Durable, resumable job output: a job killed at any moment resumes to the output of an uninterrupted run.
 
-While a job runs, its state lives beside the output in ``<out>.job/``:
+While a job runs, its state lives beside the output in ``<out>.job/`` (for an output URL: beside the
+URL's staging file in the user's cache, ``service/batch/outputs.py``):
 
     job.json        what the job is (input, model version, format, top-k, chunking)
     journal.jsonl   one line per finished chunk, appended and fsynced after its rows
@@ -16,8 +17,9 @@ The steps, and what a kill after each leaves for ``--resume``:
    A chunk counts as done only once its journal line is on disk; rows after the last journal line,
    and a torn last journal line, are cut off on resume, and the chunk is scored again.
 3. ``finished`` is written, then the output is moved into place with one rename (so ``<out>`` is
-   either absent or complete), then the state directory is removed. Resumed after ``finished``,
-   nothing is scored again: the rename is done (or redone) and the directory removed.
+   either absent or complete), an output URL gets that file in one put, then the state directory is
+   removed. Resumed after ``finished``, nothing is scored again: the rename is done (or redone), the
+   put redone, and the directory removed.
 
 :data:`KillPoint` names the moments between those steps; ``BatchOptions.kill_at`` (tests only)
 makes the process SIGKILL itself at one of them, which is how the suite proves each one resumes.
@@ -39,6 +41,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from service.atomic import atomic_path, atomic_write_json, fsync_dir
+from service.batch.outputs import Output
 from service.batch.rows import Row, csv_header, encode_rows, parquet_schema
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ KillPoint = Literal[
     "mid_chunk",  # the 2nd chunk this run writes is half on disk (parquet: its temporary file, not renamed)
     "after_chunk_before_journal",  # the 2nd chunk's rows are all on disk, its journal line is not
     "before_rename",  # every chunk journalled, ``finished`` written; the output not yet in place
-    "after_rename",  # the output in place, the state directory not yet removed
+    "after_rename",  # the output in place (a URL's: uploaded), the state directory not yet removed
 ]
 _KILL_CHUNK = 2  # mid-chunk kill points hit the 2nd chunk written, so that one chunk is done before
 
@@ -119,10 +122,11 @@ def state_dir(out: Path) -> Path:
 class JobState:
     """The state directory of one job: opened fresh or resumed, written chunk by chunk, finished once."""
 
-    def __init__(self, out: Path, identity: JobIdentity, *, kill_at: KillPoint | None = None) -> None:
-        self.out, self.identity, self.kill_at = out, identity, kill_at
+    def __init__(self, target: Output, identity: JobIdentity, *, kill_at: KillPoint | None = None) -> None:
+        self.target, self.identity, self.kill_at = target, identity, kill_at
+        self.out = target.local  # the finished file's local path (an output URL's staged copy)
         self.done: dict[int, ChunkRecord] = {}
-        self.dir = state_dir(out)
+        self.dir = state_dir(self.out)
         self.rows_file = self.dir / f"rows.{identity.format.value}"
         self.parts = self.dir / "parts"
         self.journal = self.dir / "journal.jsonl"
@@ -140,18 +144,21 @@ class JobState:
         return sum(r.rows for r in self.done.values())
 
     @classmethod
-    def open(cls, out: Path, identity: JobIdentity, *, resume: bool, overwrite: bool,
+    def open(cls, target: Output, identity: JobIdentity, *, resume: bool, overwrite: bool,
              kill_at: KillPoint | None = None) -> JobState:
-        directory = state_dir(out)
-        state = cls(out, identity, kill_at=kill_at)
+        state = cls(target, identity, kill_at=kill_at)
+        directory = state.dir
         if overwrite:
             shutil.rmtree(directory, ignore_errors=True)
-            out.unlink(missing_ok=True)
+            target.discard()
         if directory.exists() and not resume:
-            raise JobStateError(f"{directory} holds an interrupted run; pass --resume to continue it "
-                                "or --overwrite to start again")
-        if out.exists() and not (resume and state.marker.exists()):  # else: killed after its final rename
-            raise JobStateError(f"{out} exists; pass --overwrite to replace it")
+            raise JobStateError(f"{directory} holds an interrupted run of {target.location}; pass --resume to "
+                                "continue it or --overwrite to start again")
+        # An output beside the state of the job being resumed: a local one is this job's, killed after its
+        # final rename; a URL's may also be the previous output, which the final put replaces.
+        resuming = resume and (directory.exists() if target.replaced_by_publish else state.marker.exists())
+        if not (resuming or overwrite) and target.exists():  # a URL's previous output stays until the put
+            raise JobStateError(f"{target.location} exists; pass --overwrite to replace it")
         if resume and (directory / "job.json").exists():
             previous = JobIdentity.model_validate_json((directory / "job.json").read_text())
             if previous != identity:
@@ -253,9 +260,11 @@ class JobState:
             fsync_dir(self.dir)
         if not self._committed:
             self._commit()
+        self.target.publish()  # an output URL: one put of the finished file (again, if resumed after it)
         self._reached("after_rename")
         shutil.rmtree(self.dir)
         fsync_dir(self.dir.parent)
+        self.target.clean_up()
 
     def _commit(self) -> None:
         if self.identity.format is OutputFormat.parquet:

@@ -14,15 +14,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 from service.batch.inputs import InputError, count_inputs, iter_inputs
 from service.batch.job import BatchOptions, BatchSummary, Chunk, ScorerSpec, chunks
 from service.batch.job_state import JobIdentity, JobState, JobStateError, OutputFormat
 from service.batch.local import local_results, worker_pool
+from service.batch.outputs import open_output
 from service.batch.progress import progress_bar
 from service.precision import served_file
 from service.preprocessing import DecodeLimits
-from service.repository import ModelRef, ModelRepository
+from service.repository import ModelRef, open_repository
 from service.settings import Settings, usable_cores
 
 log = logging.getLogger(__name__)
@@ -62,19 +64,20 @@ def run_batch(options: BatchOptions, settings: Settings, *, show_progress: bool 
     """Score every input of ``options.source`` into ``options.out``; raises on a job failure only."""
     started = time.perf_counter()
     ref = ModelRef.parse(options.model)
-    version = ModelRepository(settings.model_repo).get(ref.name, ref.version)  # verified sha256 + schema
+    repo = open_repository(settings.model_repo, settings.repo_cache, settings.store_writes)
+    version = repo.get(ref.name, ref.version)  # verified sha256 + schema (downloaded first from a URL)
     manifest = version.manifest
     if options.top_k > len(manifest.labels):
         raise ValueError(f"--top-k {options.top_k} is more than the model's {len(manifest.labels)} labels")
     identity = JobIdentity(
         source=options.source, model=manifest.name, version=manifest.version,
-        format=options.format or OutputFormat.for_path(options.out), top_k=options.top_k,
+        format=options.format or OutputFormat.for_path(Path(str(options.out))), top_k=options.top_k,
         chunk_size=options.chunk_size, ordered=options.ordered)
     listing = iter_inputs(options.source)
     first = next(listing, None)  # fail on a bad INPUT before touching the output
     if first is None:
         raise InputError(f"no images found in {options.source}")
-    state = JobState.open(options.out, identity, resume=options.resume, overwrite=options.overwrite,
+    state = JobState.open(open_output(options.out), identity, resume=options.resume, overwrite=options.overwrite,
                           kill_at=options.kill_at)
     resumed = state.rows_done
     workers = options.workers or usable_cores()

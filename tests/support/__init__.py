@@ -5,6 +5,7 @@
 - ``diskfaults``: fail or SIGKILL at the k-th file-system step (also runs as a script).
 - ``servers``: repository copies, `imgclf serve` subprocesses and the requests tests send them.
 - ``cli``: the `imgclf` command as a subprocess.
+- ``seaweed``: a real S3 object store (SeaweedFS) on free ports, to stop, kill (an outage) and restart.
 - ``budget``: bounds on work in CPU seconds, which hold on a busy machine (never wall-clock bounds).
 - ``browser``, ``container``, ``manifests``: Chromium, the serving image under podman, deploy/kubernetes/.
 """

@@ -23,13 +23,13 @@ from service.http.catalog import Catalog, ReloadRefusedError
 from service.http.live import LiveCatalog
 from service.http.v2.errors import V2Error, unknown_model
 from service.http.v2.facts import VIEWS
-from service.repository import ModelRepository
+from service.repository import Repository, RepositoryError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 
 
-def repository_index(catalog: Catalog, repo: ModelRepository, ready_only: bool = False) -> list[dict[str, Any]]:
+def repository_index(catalog: Catalog, repo: Repository, ready_only: bool = False) -> list[dict[str, Any]]:
     """Triton's index entries: ``name``, ``version``, ``state``, ``reason`` (the views follow their model)."""
     entries = []
     for name in repo.names():
@@ -54,7 +54,7 @@ def _version(parameters: Mapping[str, Any]) -> int | None:
     return int(value)
 
 
-async def load(live: LiveCatalog, repo: ModelRepository, name: str, parameters: Mapping[str, Any]) -> None:
+async def load(live: LiveCatalog, repo: Repository, name: str, parameters: Mapping[str, Any]) -> None:
     """Promote ``parameters.version`` if given, then reload this worker; V2Error when the model cannot be
     served afterwards (unknown, no production version, or the reload refused a version)."""
     if name not in repo.names():
@@ -63,7 +63,9 @@ async def load(live: LiveCatalog, repo: ModelRepository, name: str, parameters: 
     if version is not None:
         try:
             await asyncio.to_thread(repo.promote, name, version)
-        except (LookupError, ValueError, OSError) as exc:
+        except StoreUnavailableError as exc:
+            raise V2Error(503, f"cannot promote {name}:{version} now: {exc}") from exc
+        except (LookupError, ValueError, OSError, RepositoryError) as exc:
             raise V2Error(400, f"cannot promote {name}:{version}: {exc}") from exc
         log.info("V2 load: promoted %s:%d", name, version)
     try:

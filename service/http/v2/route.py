@@ -28,7 +28,6 @@ from service.http.v2.facts import ModelFacts, model_config, model_metadata, serv
 from service.http.v2.repository import load, repository_index, unload
 from service.http.v2.request import InferRequest
 from service.http.v2.serving import V2Service
-from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class V2App:
         if not isinstance(document, dict) or not isinstance(document.get("parameters", {}), dict):
             raise V2Error(400, "the body must be a JSON object, its 'parameters' an object too")
         live = self.service.live
-        repo = ModelRepository(self.service.settings.model_repo)
+        repo = live.current.repo or self.service.settings.repository()
         if route.action == "repository_index":
             index = await asyncio.to_thread(repository_index, live.current, repo, document.get("ready") is True)
             return rest.json_response(index)
