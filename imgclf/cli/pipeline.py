@@ -25,13 +25,28 @@ if TYPE_CHECKING:
     from training.pipeline.record import StepRecord
 
 pipeline_app = typer.Typer(
-    help="Retrain and deploy: validate data, train, evaluate against production, gate, register, promote, "
+    help="Retrain and deploy: validate data, train, evaluate against production, gate, register, (with --rollout: "
+    "canary or shadow on the replicas until their metrics decide), promote, "
     "reload services (roll back on failure). `imgclf pipeline --name N --data DIR --holdout DIR` runs it.",
     invoke_without_command=True)
 
 STATUS_COLORS = {"promoted": typer.colors.GREEN, "skipped": typer.colors.GREEN, "rejected": typer.colors.YELLOW,
                  "failed": typer.colors.RED, "rolled_back": typer.colors.RED, "running": typer.colors.BLUE}
 STEP_MARKS = {"ok": "ok  ", "failed": "FAIL", "skipped": "skip", "running": "... "}
+
+RolloutOpt = Annotated[str | None, typer.Option(
+    "--rollout", help="canary or shadow: roll the candidate out beside production on the --replica servers, "
+    "promoted only if their metrics agree (rollout.mode)")]
+ReplicaOpt = Annotated[list[str] | None, typer.Option(
+    "--replica", help="base URL of a serving replica whose /metrics decide the rollout (repeatable; replaces "
+    "rollout.replicas)")]
+RolloutWeightOpt = Annotated[float | None, typer.Option(
+    "--rollout-weight", help="share of the requests the canary answers or the shadow scores (rollout.weight)")]
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags that were given (None: not given; 0 is a value the config must see and may refuse)."""
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 def admin_token(flag: str | None) -> str | None:
@@ -67,6 +82,9 @@ def pipeline(
     token: Annotated[str | None, typer.Option("--admin-token", help="bearer token of the services' POST "
                                               "/admin/reload (default: $IMGCLF_ADMIN_TOKEN)",
                                               show_default=False)] = None,
+    rollout: RolloutOpt = None,
+    replica: ReplicaOpt = None,
+    rollout_weight: RolloutWeightOpt = None,
     allow_label_change: Annotated[bool, typer.Option("--allow-label-change", help="accept a label set that "
                                                      "differs from production's (a new model)")] = False,
     force: Annotated[bool, typer.Option("--force", help="run even when data and config are unchanged")] = False,
@@ -90,13 +108,15 @@ def pipeline(
         overrides["deploy"] = {"service_urls": service_url}
     if allow_label_change:
         overrides["allow_label_change"] = True
+    if trial := _given(mode=rollout, replicas=replica, weight=rollout_weight):
+        overrides["rollout"] = trial
     cfg = load_pipeline_config(config, overrides)  # ConfigError: a user error
     cfg.require()
-    root = repository(cfg.repo, must_exist=False).root
+    target = repository(cfg.repo, must_exist=False)  # a folder, or a URL through its local cache
     secret = admin_token(token)
     for chatty in ("onnxscript", "onnx_ir"):  # the ONNX exporter's pass-by-pass INFO lines
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    result = run_pipeline(cfg, root, admin_token=secret, config_file=config, force=force, on_step=show_step)
+    result = run_pipeline(cfg, target, admin_token=secret, config_file=config, force=force, on_step=show_step)
     record = result.record
     typer.secho(f"{record.status}: {record.reason}", fg=STATUS_COLORS.get(record.status), bold=True)
     typer.echo(f"run record: {result.path}")

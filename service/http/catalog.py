@@ -12,17 +12,22 @@ Hot reload keeps a worker serving while versions change underneath it:
   session when their last lease ends.
 - A version that fails to resolve, load or verify refuses the whole reload:
   the old catalog keeps serving, untouched.
+- A model's rollout (``service.aliases.Rollout``) loads its candidate beside production: a canary
+  answers its share of the requests that name no version (:meth:`Catalog.pick`); a shadow candidate
+  answers none, ``service.http.rollout`` scores a sample with it after production answered.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 
+from service import aliases
 from service.http.errors import ServiceError
 from service.http.served import BatchHook, ServedModel
 from service.precision import served_file
-from service.repository import PRODUCTION, ModelRef, ModelRepository
+from service.repository import PRODUCTION, ModelRef, Repository, Rollout
 from service.runtime import OnnxModel, check_device
 from service.settings import Settings
 
@@ -58,6 +63,7 @@ class Target:
     name: str
     version: int
     pinned: bool  # NAME:VERSION in IMGCLF_MODELS: never changes on reload
+    candidate: bool = False  # a rollout's candidate, served beside production
 
     @property
     def key(self) -> str:
@@ -73,24 +79,43 @@ class Change:
     new: int
 
 
-def plan(settings: Settings, repo: ModelRepository) -> tuple[list[Target], list[str]]:
-    """What to serve now: pinned versions as given, else production; and the names skipped for having none.
+@dataclass(frozen=True)
+class Plan:
+    """What to serve now: pinned versions as given, else production, plus rollout candidates."""
 
-    Cheap (directory listings and aliases.json only, nothing verified), so workers can call it every
-    few seconds to notice a promotion.
-    """
+    targets: list[Target]
+    skipped: list[str]  # models without a production version (not served)
+    rollouts: dict[str, Rollout]  # name -> its rollout, for unpinned models
+
+    @property
+    def wanted(self) -> list[str]:
+        """What a reload compares with what is served: the keys, and each rollout's mode and weight."""
+        keys = list(dict.fromkeys(t.key for t in self.targets))
+        return keys + sorted(f"{n}~{r.mode}:{r.version}@{r.weight:g}" for n, r in self.rollouts.items())
+
+
+def plan(settings: Settings, repo: Repository) -> Plan:
+    """Cheap (listings and aliases.json only, nothing verified), so workers can call it every few seconds
+    to notice a promotion or a rollout."""
     refs = [ModelRef.parse(text) for text in settings.models] or [ModelRef(n) for n in repo.names()]
-    targets: list[Target] = []
-    skipped: list[str] = []
+    result = Plan([], [], {})
     for ref in refs:
-        if ref.version is None and not settings.models and PRODUCTION not in repo.aliases(ref.name):
-            skipped.append(ref.name)
+        if ref.version is not None:
+            result.targets.append(Target(ref.name, repo.resolve(ref.name, ref.version), True))
             continue
-        targets.append(Target(ref.name, repo.resolve(ref.name, ref.version), ref.version is not None))
-    return targets, skipped
+        document = repo.alias_document(ref.name)
+        if PRODUCTION not in document and not settings.models:
+            result.skipped.append(ref.name)
+            continue
+        result.targets.append(Target(ref.name, repo.resolve(ref.name, document.get(PRODUCTION)), False))
+        trial = aliases.rollout(document)
+        if trial is not None:
+            result.targets.append(Target(ref.name, repo.resolve(ref.name, trial.version), False, candidate=True))
+            result.rollouts[ref.name] = trial
+    return result
 
 
-def _load(repo: ModelRepository, target: Target, settings: Settings, on_batch: BatchHook | None) -> ServedModel:
+def _load(repo: Repository, target: Target, settings: Settings, on_batch: BatchHook | None) -> ServedModel:
     """Verified (schema, sha256 of every file) and warmed up, ready to take traffic."""
     version = repo.get(target.name, target.version)
     model_file, manifest = served_file(version, settings.device, settings.precision)
@@ -125,6 +150,9 @@ class Catalog:
     production: dict[str, int] = field(default_factory=dict)  # unpinned name -> its production version
     on_batch: BatchHook | None = field(default=None, repr=False)  # given to every model loaded (metrics)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it could not be loaded
+    rollouts: dict[str, Rollout] = field(default_factory=dict)  # name -> its candidate on trial
+    repo: Repository | None = field(default=None, repr=False)  # the worker's, carried from catalog to catalog
+    wanted_now: list[str] = field(default_factory=list, repr=False)  # the plan this catalog serves (Plan.wanted)
 
     @property
     def names(self) -> list[str]:
@@ -141,26 +169,37 @@ class Catalog:
         """The versions of ``name`` served here (several when IMGCLF_MODELS pins them)."""
         return sorted(m.manifest.version for m in self.models.values() if m.manifest.name == name)
 
+    def role(self, served: ServedModel) -> str:
+        """``canary`` or ``shadow`` for a rollout's candidate, else ``production`` (metrics of rollouts)."""
+        trial = self.rollouts.get(served.manifest.name)
+        return trial.mode if trial is not None and trial.version == served.manifest.version else "production"
+
+    def candidate(self, name: str) -> tuple[Rollout, ServedModel] | None:
+        """A model's rollout and its loaded candidate, if it has one."""
+        trial = self.rollouts.get(name)
+        served = self.models.get(f"{name}:{trial.version}") if trial is not None else None
+        return (trial, served) if trial is not None and served is not None else None
+
     @classmethod
-    def load(cls, settings: Settings, on_batch: BatchHook | None = None) -> Catalog:
+    def load(cls, settings: Settings, on_batch: BatchHook | None = None, repo: Repository | None = None) -> Catalog:
         """The production version of every model (or the ones settings name), verified, warmed up.
 
         A version that fails to load is left out and recorded in ``failed`` (the worker stays up,
         reports not ready with the reason, and serves the others); a repository with no model to
         serve at all is an error.
         """
-        repo = ModelRepository(settings.model_repo)
+        repo = repo or settings.repository()
         if not settings.models and not repo.names():
-            raise RuntimeError(f"no models in {repo.root}; run `imgclf bootstrap` or export one")
-        targets, skipped = plan(settings, repo)
-        for name in skipped:
+            raise RuntimeError(f"no models in {repo.location}; run `imgclf bootstrap` or export one")
+        planned = plan(settings, repo)
+        for name in planned.skipped:
             log.warning("skipping %s: it has no production version", name)
-        if not targets:
-            raise RuntimeError(f"no model in {repo.root} has a production version; promote one")
+        if not planned.targets:
+            raise RuntimeError(f"no model in {repo.location} has a production version; promote one")
         check_device(settings.device)  # a device that cannot work stops the worker: it is no one model's fault
         models: dict[str, ServedModel] = {}
         failed: dict[str, str] = {}
-        for target in targets:
+        for target in planned.targets:
             if target.key in models or target.key in failed:
                 continue
             try:
@@ -168,13 +207,17 @@ class Catalog:
             except Exception as exc:  # noqa: BLE001 - one bad version must not take the others down
                 failed[target.key] = f"{type(exc).__name__}: {exc}"
                 log.error("NOT serving %s: it failed to load: %s", target.key, exc)
+        targets = [t for t in planned.targets if not t.candidate]
         production = {t.name: t.version for t in targets if not t.pinned and t.key in models}
+        rollouts = {n: r for n, r in planned.rollouts.items() if f"{n}:{r.version}" in models}
         names = sorted({m.manifest.name for m in models.values()})
-        return cls(models, default_name(settings, names) if names else None, production, on_batch, failed)
+        return cls(models, default_name(settings, names) if names else None, production, on_batch, failed,
+                   rollouts, repo, planned.wanted)
 
     def pick(self, name: str | None, version: int | None = None) -> ServedModel:
         """The one rule every protocol uses. ``name`` None: the default model. ``version`` None: the
-        model's production version (or the one version served, when IMGCLF_MODELS pins it).
+        model's production version (or the one version served, when IMGCLF_MODELS pins it), or, for a
+        canary's share of such requests, the canary.
 
         Raises UnknownModelError (404) or ModelRequiredError (400).
         """
@@ -185,6 +228,10 @@ class Catalog:
             if self.default is None:
                 raise ModelRequiredError(self.names)
             name = self.default
+        if version is None and (trial := self.candidate(name)) is not None:
+            rollout, candidate = trial
+            if rollout.mode == "canary" and random.random() < rollout.weight:
+                return candidate
         wanted = version if version is not None else self.production.get(name) or next(iter(self.versions(name)), 0)
         served = self.models.get(f"{name}:{wanted}")
         if served is None:
@@ -206,9 +253,11 @@ class Catalog:
         return served
 
     def wanted(self, settings: Settings) -> list[str]:
-        """The keys a reload would serve now (cheap; see :func:`plan`)."""
-        targets, _ = plan(settings, ModelRepository(settings.model_repo))
-        return list(dict.fromkeys(t.key for t in targets))
+        """What a reload would serve now (cheap; see :func:`plan`); compare with :attr:`wanted_now`."""
+        return plan(settings, self._repo(settings)).wanted
+
+    def _repo(self, settings: Settings) -> Repository:
+        return self.repo if self.repo is not None else settings.repository()
 
     def reloaded(self, settings: Settings) -> tuple[Catalog, list[Change]]:
         """A new catalog for the repository's current aliases, built beside this one (blocking: run it off the loop).
@@ -217,18 +266,19 @@ class Catalog:
         repository's verification and warmed up. Any failure closes what was loaded and raises
         ReloadRefusedError: a reload is all or nothing, and never stops serving a model.
         """
-        repo = ModelRepository(settings.model_repo)
+        repo = self._repo(settings)
         try:
-            targets, _ = plan(settings, repo)
+            planned = plan(settings, repo)
         except Exception as exc:  # a broken alias file or a vanished model refuses the reload
             raise ReloadRefusedError(f"cannot resolve the models to serve: {exc}") from exc
+        targets = [t for t in planned.targets if not t.candidate]
         gone = sorted(set(self.production) - {t.name for t in targets if not t.pinned})
         if gone:
             raise ReloadRefusedError(f"{', '.join(gone)}: no production version any more; "
                                      "a reload never stops serving a model (restart to remove one)")
         models: dict[str, ServedModel] = {}
         fresh: list[ServedModel] = []
-        for target in targets:
+        for target in planned.targets:
             if target.key in models:
                 continue
             if target.key in self.models:
@@ -246,4 +296,5 @@ class Catalog:
         changes = [Change(name, self.production.get(name), version)
                    for name, version in production.items() if self.production.get(name) != version]
         names = sorted({m.manifest.name for m in models.values()})
-        return Catalog(models, default_name(settings, names), production, self.on_batch), changes
+        return Catalog(models, default_name(settings, names), production, self.on_batch, rollouts=planned.rollouts,
+                       repo=repo, wanted_now=planned.wanted), changes

@@ -121,14 +121,16 @@ async def preprocessed(data: bytes, served: ServedModel, limits: DecodeLimits,
 
 
 async def logits_of(served: ServedModel, data: bytes, limits: DecodeLimits,
-                    cache: LogitsCache) -> tuple[np.ndarray, dict[str, float]]:
+                    cache: LogitsCache, monitor: Monitor) -> tuple[np.ndarray, dict[str, float]]:
     """One image's logits and its timing fields: from the response cache (``{"preprocess": 0, "cached": 1}``),
-    else decoded and inferred (``{"preprocess": ms}``) and kept for next time."""
+    else decoded and inferred (``{"preprocess": ms}``, timed for the rollout metrics) and kept for next time."""
     key, row = cache.lookup(served.key, data)
     if row is not None:
         return row, {"preprocess": 0.0, "cached": 1.0}
+    started = time.perf_counter()
     tensor, prep_ms = await preprocessed(data, served, limits)
     row = await served.infer(tensor)
+    monitor.timed(served, time.perf_counter() - started)
     cache.put(key, row)
     return row, {"preprocess": prep_ms}
 
@@ -140,7 +142,7 @@ async def classify_one(live: LiveCatalog, limits: DecodeLimits, data: bytes, top
     monitor = monitor or Monitor.quiet()
     cache = LogitsCache.off() if cache is None else cache  # (an empty cache is falsy: it has a length)
     with live.current.select(model, top_k).lease() as served:  # no await between pick and lease
-        logits, timing = await logits_of(served, data, limits, cache)
+        logits, timing = await logits_of(served, data, limits, cache, monitor)
         answer = monitor.answer(served, logits, top_k, min_score, data=data, route="/classify")
         return ClassifyResponse(
             model=served.manifest.name, version=served.manifest.version, **trust_fields(answer),
@@ -162,7 +164,7 @@ async def classify_many(live: LiveCatalog, limits: DecodeLimits, max_images: int
 
         async def one(index: int, data: bytes) -> BatchItem:
             try:
-                logits, _ = await logits_of(served, data, limits, cache)
+                logits, _ = await logits_of(served, data, limits, cache, monitor)
             except Exception as exc:
                 error = service_error(exc)
                 if error is None:

@@ -32,6 +32,7 @@ from service.http.explainers import Explainers
 from service.http.guard import RequestGuard
 from service.http.live import LiveCatalog
 from service.http.monitor import Monitor
+from service.http.rollout import Rollouts
 from service.http.routes import mount, table
 from service.http.sampling import Sampler
 from service.http.served import ServedModel
@@ -58,11 +59,13 @@ class Worker:
     claims: JobClaims
     explainers: Explainers
     cache: LogitsCache  # logits of images already answered, by model version and image sha256
+    rollouts: Rollouts = field(init=False)  # answers counted per version and role; the shadow scored
     v2: V2Service = field(init=False)
     grpc: GrpcFront = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.rollouts = self.monitor.rollouts = Rollouts(self.live, s, self.limits)
         self.v2 = V2Service(self.live, s, self.admission, monitor=self.monitor, cache=self.cache)
         self.grpc = GrpcFront(self.v2, s.grpc_host, s.grpc_port, s.max_request_bytes, s.max_concurrency,
                               s.timeout_s, on_error=metrics.count_error)
@@ -74,6 +77,10 @@ class Worker:
         self.monitor.forget(retired)
         self.explainers.forget(retired)
         self.cache.forget(retired)
+
+    def polled(self, catalog: Catalog) -> None:
+        """After each look at the repository: whether its store answered, and the versions served."""
+        metrics.observe_catalog(catalog)
 
     # --- the worker's life (BentoML's startup and shutdown hooks call these) --------------------------
     def load(self) -> None:
@@ -89,6 +96,7 @@ class Worker:
 
     async def stop(self) -> None:
         await self.live.stop_watching()
+        await self.rollouts.drain()
         await self.grpc.stop()
         if self.monitor.sampler is not None:
             await self.monitor.sampler.drain()
@@ -110,6 +118,7 @@ def build_worker(settings: Settings) -> Worker:
         cache=LogitsCache.from_settings(settings, on_outcome=metrics.count_cache),
     )
     worker.live.on_swap = worker.swapped
+    worker.live.on_poll = worker.polled
     return worker
 
 

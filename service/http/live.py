@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -15,6 +16,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 SwapHook = Callable[[list[ServedModel], list[ServedModel]], None]  # (added, retired), e.g. for metrics
+PollHook = Callable[[Catalog], None]  # after each look at the repository (its store reachable or not)
 
 
 class LiveCatalog:
@@ -30,10 +32,12 @@ class LiveCatalog:
     (see ``Settings.watch_seconds``).
     """
 
-    def __init__(self, settings: Settings, catalog: Catalog | None = None, on_swap: SwapHook | None = None) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, on_swap: SwapHook | None = None,
+                 on_poll: PollHook | None = None) -> None:
         self.settings = settings
         self._current = catalog
         self.on_swap = on_swap
+        self.on_poll = on_poll
         self._lock = asyncio.Lock()  # one reload at a time per worker
         self._refused: list[str] | None = None  # what the watcher last failed on: not retried until it changes
         self._watcher: asyncio.Task[None] | None = None
@@ -54,6 +58,8 @@ class LiveCatalog:
         self._current = catalog
         if self.on_swap is not None:
             self.on_swap(list(catalog.models.values()), [])
+        if self.on_poll is not None:
+            self.on_poll(catalog)
 
     def lease(self, requested: str | None) -> AbstractContextManager[ServedModel]:
         """The model a request names, held until the request ends (raises like :meth:`Catalog.select`)."""
@@ -71,7 +77,10 @@ class LiveCatalog:
             old = self.current
             new, changes = await asyncio.to_thread(old.reloaded, self.settings)
             if new.models.keys() == old.models.keys() and new.default == old.default:
-                return old, changes
+                if new.rollouts != old.rollouts or new.wanted_now != old.wanted_now:  # same models, other split
+                    self.current = dataclasses.replace(old, rollouts=new.rollouts, wanted_now=new.wanted_now)
+                    log.info("rollouts now: %s", {n: r.model_dump() for n, r in new.rollouts.items()} or "none")
+                return self.current, changes
             self.current = new  # the swap: new requests pick from here on
             added = [m for k, m in new.models.items() if k not in old.models]
             retired = [m for k, m in old.models.items() if k not in new.models]
@@ -79,11 +88,15 @@ class LiveCatalog:
                 served.retire()  # now, or when its last request in flight ends
             if self.on_swap is not None:
                 self.on_swap(added, retired)
+            if self.on_poll is not None:
+                self.on_poll(new)
             log.info("reloaded: serving %s (was %s)", list(new.models), list(old.models))
             return new, changes
 
     async def watch(self, interval: float) -> None:
-        """Every ``interval`` seconds, reload when the repository's aliases name other versions than served."""
+        """Every ``interval`` seconds, reload when the repository's aliases name other versions (or another
+        rollout) than served. A store that cannot be reached changes nothing: the repository answers from
+        its cache, and ``on_poll`` reports it."""
         while True:
             await asyncio.sleep(interval)
             try:
@@ -91,7 +104,10 @@ class LiveCatalog:
             except Exception as exc:  # noqa: BLE001 - a half-edited repository must not kill the watcher
                 log.warning("watch: cannot read the repository: %s", exc)
                 continue
-            if wanted == list(self.current.models) or wanted == self._refused:
+            finally:
+                if self.on_poll is not None:
+                    self.on_poll(self.current)
+            if wanted == self.current.wanted_now or wanted == self._refused:
                 continue
             try:
                 await self.reload()

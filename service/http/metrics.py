@@ -6,7 +6,10 @@ from typing import TYPE_CHECKING
 
 import bentoml
 
+from service.urls import is_url
+
 if TYPE_CHECKING:
+    from service.http.catalog import Catalog
     from service.http.served import ServedModel
 
 PREPROCESS_SECONDS = bentoml.metrics.Histogram(
@@ -43,6 +46,38 @@ CACHE = bentoml.metrics.Counter(
     name="imgclf_cache_total", documentation="response cache lookups and evictions by outcome: hit, miss, "
     "eviction (IMGCLF_CACHE_ENTRIES, IMGCLF_CACHE_MAX_BYTES)", labelnames=["outcome"])
 
+# Rollouts (service/http/rollout.py): per model name, version and role (production, canary, shadow), so a
+# canary or shadow candidate can be judged against production here or in Prometheus.
+_ROLE = ["model", "version", "role"]
+ROLLOUT_ANSWERS = bentoml.metrics.Counter(
+    name="imgclf_rollout_answers", documentation="images answered, by version and role", labelnames=_ROLE)
+ROLLOUT_ABSTAINED = bentoml.metrics.Counter(
+    name="imgclf_rollout_abstained", documentation="answers whose top-1 score is under the model's threshold",
+    labelnames=_ROLE)
+ROLLOUT_ERRORS = bentoml.metrics.Counter(
+    name="imgclf_rollout_errors", documentation="images a version failed to score", labelnames=_ROLE)
+ROLLOUT_TOP1 = bentoml.metrics.Histogram(
+    name="imgclf_rollout_top1_score", documentation="calibrated top-1 score of each answer", labelnames=_ROLE,
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
+ROLLOUT_SECONDS = bentoml.metrics.Histogram(
+    name="imgclf_rollout_seconds", documentation="preprocessing + inference of one image", labelnames=_ROLE,
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0))
+_SHADOW = ["model", "version"]
+SHADOW_COMPARED = bentoml.metrics.Counter(
+    name="imgclf_shadow_compared", documentation="shadow answers compared with production's", labelnames=_SHADOW)
+SHADOW_AGREED = bentoml.metrics.Counter(
+    name="imgclf_shadow_agreed", documentation="shadow answers with production's top-1 class", labelnames=_SHADOW)
+SHADOW_DROPPED = bentoml.metrics.Counter(
+    name="imgclf_shadow_dropped", documentation="images sampled for the shadow but dropped: its queue was full "
+    "(IMGCLF_SHADOW_QUEUE)", labelnames=_SHADOW)
+STORE_REACHABLE = bentoml.metrics.Gauge(
+    name="imgclf_store_reachable", documentation="1 when the last read of the model repository's object store "
+    "worked, 0 while replicas serve from their cache (no series for a local repository)",
+    multiprocess_mode="livemin")
+SERVED_VERSION = bentoml.metrics.Gauge(
+    name="imgclf_served_version", documentation="the production version each model is served at, and the "
+    "candidate of a rollout (role canary or shadow)", labelnames=["model", "role"], multiprocess_mode="livemin")
+
 
 def count_cache(outcome: str) -> None:
     CACHE.labels(outcome=outcome).inc()
@@ -71,3 +106,14 @@ def observe_swap(added: list[ServedModel], retired: list[ServedModel]) -> None:
         MODEL_INFO.labels(model=served.key, provider=served.provider).set(1)
     for served in retired:
         MODEL_INFO.labels(model=served.key, provider=served.provider).set(0)
+
+
+def observe_catalog(catalog: Catalog) -> None:
+    """The versions served (production, and a rollout's candidate; 0: none) and whether the store answered."""
+    for name, version in catalog.production.items():
+        SERVED_VERSION.labels(model=name, role="production").set(version)
+        trial = catalog.rollouts.get(name)
+        for mode in ("canary", "shadow"):
+            SERVED_VERSION.labels(model=name, role=mode).set(trial.version if trial and trial.mode == mode else 0)
+    if catalog.repo is not None and is_url(catalog.repo.location):
+        STORE_REACHABLE.set(0 if catalog.repo.unreachable else 1)

@@ -10,13 +10,17 @@ One :class:`Monitor` per worker, built in ``service.http.app`` and handed to eac
   ``imgclf_not_confident_total``;
 - adds it to this worker's rolling drift window of the model version (``service.drift``) and exports
   both indices as ``imgclf_drift_index{model, kind}``;
-- offers the bytes to the sampler (``service.http.sampling``), which keeps a share of them.
+- offers the bytes to the sampler (``service.http.sampling``), which keeps a share of them;
+- hands it to the worker's rollouts (``service.http.rollout``): counted per version and role, and
+  maybe scored again by a shadow candidate.
 
 Windows and label series are per worker process, like every state of a worker: GET /models reports
 the worker that answered it.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,12 +34,16 @@ from service.runtime import Prediction
 from service.selective import Verdict
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from service.http.rollout import Rollouts
+
 OTHER = "other"
 
 
 class Monitor:
     def __init__(self, settings: Settings, sampler: Sampler | None = None, *, record: bool = True) -> None:
         self.settings, self.sampler, self.record = settings, sampler, record
+        self.rollouts: Rollouts | None = None  # set by the worker, which builds them over its catalog
         self._windows: dict[str, Window] = {}
         self._series: dict[str, set[str]] = {}
 
@@ -58,11 +66,18 @@ class Monitor:
         """Metrics and drift for one answer; with ``data``, maybe a sample of it."""
         best, verdict = result.predictions[0], result.verdict
         self._count(served, best, verdict)
+        if self.record and self.rollouts is not None:
+            self.rollouts.observe(served, result, data)
         if data is not None and self.sampler is not None and self.record:
             self.sampler.offer(data, model=served.manifest.name, version=served.manifest.version, route=route,
                                fmt=detect_format(data), confident=verdict.confident, threshold=verdict.threshold,
                                top_k=[{"label": p.label, "index": p.index, "score": p.score}
                                       for p in result.predictions])
+
+    def timed(self, served: ServedModel, seconds: float) -> None:
+        """Preprocessing + inference of one image, for the rollout metrics."""
+        if self.record and self.rollouts is not None:
+            self.rollouts.timed(served, seconds)
 
     def _count(self, served: ServedModel, best: Prediction, verdict: Verdict) -> None:
         if not self.record:

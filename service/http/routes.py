@@ -26,11 +26,18 @@ from service.batch.archive import check_archive
 from service.http.admin import AdminRoute, AdminToken
 from service.http.batch_task import JobFields, archive_limits
 from service.http.classify import ClassifyRoutes
-from service.http.errors import V2_PREFIX, ASGIApp, Receive, Scope, Send, ServiceError
+from service.http.errors import V2_PREFIX, ASGIApp, Message, Receive, Scope, Send, ServiceError
 from service.http.explain_route import FIELDS as EXPLAIN_FIELDS
 from service.http.explain_route import ExplainRoutes
 from service.http.guard import UploadRoute
-from service.http.schemas import DriftOut, ModelInfo, ModelsResponse
+from service.http.schemas import (
+    DriftOut,
+    ModelInfo,
+    ModelsResponse,
+    ReadyResponse,
+    RolloutOut,
+    StoreOut,
+)
 from service.http.ui import UiRoute
 from service.http.v2.route import V2App
 
@@ -126,6 +133,17 @@ def table(worker: Worker, bentoml_app: ASGIApp) -> list[Endpoint]:
     ]
 
 
+def store_of(catalog: Catalog) -> StoreOut | None:
+    repo = catalog.repo
+    if repo is None:
+        return None
+    return StoreOut(location=repo.location, reachable=repo.unreachable is None, error=repo.unreachable)
+
+
+def rollouts_of(catalog: Catalog) -> dict[str, RolloutOut]:
+    return {name: RolloutOut(**trial.model_dump()) for name, trial in catalog.rollouts.items()}
+
+
 def models_response(catalog: Catalog, monitor: Monitor | None = None) -> ModelsResponse:
     """What this worker serves; with ``monitor``, each model's drift window in this worker too."""
     default = catalog.pick(None).key if catalog.default is not None else None
@@ -138,7 +156,7 @@ def models_response(catalog: Catalog, monitor: Monitor | None = None) -> ModelsR
                   selective=m.manifest.selective,
                   drift=DriftOut(**vars(monitor.drift(m))) if monitor is not None else None)
         for m in catalog.models.values()
-    ], not_loaded=catalog.failed)
+    ], not_loaded=catalog.failed, rollouts=rollouts_of(catalog), store=store_of(catalog))
 
 
 class ModelsRoute:
@@ -155,14 +173,27 @@ class ModelsRoute:
 
 
 class ReadyRoute:
-    """GET /readyz: 503 with the reason while a version this worker should serve failed to load; else
-    BentoML's own answer. (BentoML's /readyz answers a bare status.)"""
+    """GET /readyz: 503 with the reason while a version this worker should serve failed to load, or while
+    BentoML says the service is not ready; else the versions served (a load balancer or a rollout script
+    sees which version each replica serves). An unreachable store does not make a worker unready: it
+    serves its verified cache, and says so here."""
 
     def __init__(self, worker: Worker, bentoml_app: ASGIApp) -> None:
         self.worker, self.bentoml_app = worker, bentoml_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        problem = self.worker.live.current.not_ready
-        if problem is not None:
-            raise ServiceError(503, "not_ready", problem)
-        await self.bentoml_app(scope, receive, send)
+        catalog = self.worker.live.current
+        if catalog.not_ready is not None:
+            raise ServiceError(503, "not_ready", catalog.not_ready)
+        status = 0
+
+        async def heard(message: Message) -> None:  # BentoML's own check, its answer not sent
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await self.bentoml_app(scope, receive, heard)
+        if status != 200:
+            raise ServiceError(503, "not_ready", f"BentoML reports the service not ready (status {status})")
+        ready = ReadyResponse(serving=catalog.production, rollouts=rollouts_of(catalog), store=store_of(catalog))
+        await JSONResponse(ready.model_dump(mode="json"))(scope, receive, send)

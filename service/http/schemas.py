@@ -92,10 +92,34 @@ class ModelInfo(_Body):
     drift: DriftOut | None = None
 
 
+class RolloutOut(_Body):
+    version: int = Field(description="the candidate")
+    mode: Literal["canary", "shadow"] = Field(description="canary: answers `weight` of the requests that name no "
+                                              "version; shadow: scores `weight` of them after production answered")
+    weight: float
+
+
+class StoreOut(_Body):
+    location: str = Field(description="the repository's URL (a folder for a local repository)")
+    reachable: bool = Field(description="false: the last read failed; this worker serves what its verified cache "
+                            "holds and picks up changes when the store answers again")
+    error: str | None = Field(default=None, description="why the store could not be read")
+
+
 class ModelsResponse(_Body):
     models: list[ModelInfo]
     not_loaded: dict[str, str] = Field(default_factory=dict, description="name:version -> why this worker "
                                        "could not load it (it reports not ready on /readyz meanwhile)")
+    rollouts: dict[str, RolloutOut] = Field(default_factory=dict, description="model name -> its candidate on "
+                                            "trial (`imgclf models canary`)")
+    store: StoreOut | None = Field(default=None, description="the model repository this worker reads")
+
+
+class ReadyResponse(_Body):
+    ready: Literal[True] = True
+    serving: dict[str, int] = Field(description="model name -> the production version this worker serves")
+    rollouts: dict[str, RolloutOut] = Field(default_factory=dict)
+    store: StoreOut | None = None
 
 
 class ServedVersion(_Body):

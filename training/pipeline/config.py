@@ -63,6 +63,14 @@ class ExportSettings(_Section):
                                     "on the validation set for this precision of the confident answers")
 
 
+def _http_urls(urls: list[str], what: str) -> list[str]:
+    """Base URLs, checked for a scheme, without a trailing slash."""
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{what} {url!r} must start with http:// or https://")
+    return [u.rstrip("/") for u in urls]
+
+
 class DeployConfig(_Section):
     """How running services are told to reload and how the switch is verified."""
 
@@ -79,10 +87,50 @@ class DeployConfig(_Section):
     @field_validator("service_urls")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"service URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        return _http_urls(urls, "service URL")
+
+
+class RolloutConfig(_Section):
+    """A canary or shadow rollout between register and promote, decided on what the replicas measure.
+
+    The candidate must earn its promotion on live traffic: ``min_answers`` candidate answers, summed over
+    every replica's ``/metrics``, then every threshold below must hold; otherwise the rollout is ended
+    and the run is rolled back with the reason.
+    """
+
+    mode: Literal["canary", "shadow"] = Field(
+        default="shadow", description="shadow: production answers, the candidate scores a sample off the request "
+        "path and is compared with it; canary: the candidate answers a share of the requests itself")
+    weight: float = Field(default=0.1, gt=0, le=1, description="share of the requests that name no version")
+    replicas: list[str] = Field(default_factory=list, validate_default=True, description="base URL of every "
+                                "serving replica (its /metrics is read; all of them, or the counts are partial)")
+    min_answers: int = Field(default=200, ge=1, description="candidate answers (shadow: compared with "
+                             "production; canary: answered) over all replicas before deciding")
+    timeout_s: float = Field(default=600.0, gt=0, description="no min_answers by then: rolled back")
+    poll_s: float = Field(default=1.0, gt=0, description="seconds between reads of the replicas' /metrics")
+    request_timeout_s: float = Field(default=5.0, gt=0, description="per /metrics request")
+    min_agreement: float = Field(default=0.95, ge=0, le=1, description="shadow only: share of compared answers "
+                                 "with production's top-1 class")
+    max_abstention_increase: float = Field(default=0.05, ge=0, le=1, description="candidate abstention rate "
+                                           "minus production's (answers under each model's threshold)")
+    max_latency_ratio: float = Field(default=2.0, gt=0, description="candidate p99 seconds per image / "
+                                     "production's")
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="candidate images failed / scored")
+
+    @field_validator("replicas")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        if not urls:
+            raise ValueError("list the base URL of every serving replica (e.g. http://10.0.0.5:3000): the "
+                             "rollout is decided on their /metrics")
+        return _http_urls(urls, "replica URL")
+
+    @model_validator(mode="after")
+    def _weight(self) -> RolloutConfig:
+        if self.mode == "canary" and self.weight >= 1:
+            raise ValueError("a canary at weight 1 leaves production no answers to compare with: use a weight "
+                             "under 1 (or mode: shadow, which may sample every request)")
+        return self
 
 
 class PipelineConfig(_Section):
@@ -93,7 +141,8 @@ class PipelineConfig(_Section):
     more_data: list[Path] = Field(default_factory=list, description="further ImageFolder trees merged into the "
                                   "training data, e.g. a corrected `imgclf samples export` tree (folders named "
                                   "_* are left out); the CLI's second and later --data")
-    repo: Path | None = Field(default=None, description="model repository (default $IMGCLF_MODEL_REPO or models/)")
+    repo: str | None = Field(default=None, description="model repository: a folder or a URL such as s3://bucket/prefix "
+                             "(default $IMGCLF_MODEL_REPO or models/)")
     work_dir: Path | None = Field(default=None, description="where training runs go (default "
                                   "<repo>/.pipeline/<name>/runs; warm starts read production's checkpoint there)")
     init: Literal["pretrained", "production"] = Field(
@@ -107,6 +156,8 @@ class PipelineConfig(_Section):
     gate: GateConfig = GateConfig()
     export: ExportSettings = ExportSettings()
     deploy: DeployConfig = DeployConfig()
+    rollout: RolloutConfig | None = Field(default=None, description="a canary or shadow rollout before "
+                                          "promotion; none: register, then promote at once")
 
     @field_validator("name")
     @classmethod
@@ -150,7 +201,7 @@ class PipelineConfig(_Section):
     def fingerprint(self) -> str:
         """What decides the candidate model: training config, init, data policy, export.
 
-        Not the paths (the data fingerprint covers the images), not the gate or deploy settings
+        Not the paths (the data fingerprint covers the images), not the gate, deploy or rollout settings
         (they decide what happens to a model, not which model it is).
         """
         train = self.train_config(Path("-")).model_dump(mode="json")

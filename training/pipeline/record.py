@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from service.atomic import LockBusyError, atomic_write_text, file_lock
+from service.atomic import LockBusyError, atomic_path, atomic_write_text, file_lock
 from service.repository import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class RunRecord(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="candidate and production on the held-out set")
     gate: dict[str, Any] | None = None
     deploy: dict[str, Any] | None = None
+    rollout: dict[str, Any] | None = Field(default=None, description="canary or shadow rollout: the stats per role, "
+                                           "the checks, the decision, the plot (training.pipeline.rollout)")
     error: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step, and total")
 
@@ -212,3 +214,46 @@ class Recorder:
         self.record.exit_code = EXIT_CODES.get(self.record.status, 1)
         self.record.timings["total"] = time.monotonic() - self.started
         return self.save()
+
+
+def rollout_plot(report: dict[str, Any], path: Path) -> Path:
+    """Production beside the candidate, as a rollout measured them (a ``RolloutReport`` dumped): rates,
+    p99 latency against its limit, and the shadow agreement against its floor, so the failing check shows.
+
+    Beside the training run's learning curves; matplotlib is imported here only (history needs no plots).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats, checks = report["stats"], {c["name"]: c for c in report["decision"]["checks"]}
+    roles = [(f"production v{report['production_version']}", stats["production"], "tab:blue"),
+             (f"{stats['mode']} v{report['candidate_version']}", stats["candidate"], "tab:orange")]
+    panels = 3 if stats.get("shadow") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4))
+    rates = ("abstention_rate", "error_rate", "mean_top1_score")
+    for i, (label, role, color) in enumerate(roles):
+        axes[0].bar([r + 0.4 * i for r in range(len(rates))], [role[k] or 0 for k in rates], 0.4, label=label,
+                    color=color)
+        axes[1].bar(i, (role["p99_seconds"] or 0) * 1000, 0.6, label=label, color=color)
+    axes[0].set(xticks=[r + 0.2 for r in range(len(rates))], xticklabels=["abstention", "errors", "mean top-1"],
+                ylim=(0, 1), title="Rates")
+    axes[0].legend(fontsize=8)
+    p99_limit = (stats["production"]["p99_seconds"] or 0) * checks["latency_ratio"]["limit"] * 1000
+    axes[1].axhline(p99_limit, color="red", linestyle="--", label=f"limit (x{checks['latency_ratio']['limit']:g})")
+    axes[1].set(xticks=[0, 1], xticklabels=[r[0] for r in roles], ylabel="ms per image", title="p99 latency")
+    axes[1].legend(fontsize=8)
+    if stats.get("shadow"):
+        agreement = checks["agreement"]
+        axes[2].bar(0, agreement["value"] or 0, 0.6, color="tab:orange")
+        axes[2].axhline(agreement["limit"], color="red", linestyle="--", label=f"floor {agreement['limit']:g}")
+        axes[2].set(xticks=[0], xticklabels=[f"{stats['shadow']['compared']:.0f} compared"], ylim=(0, 1),
+                    title="Top-1 agreement with production")
+        axes[2].legend(fontsize=8)
+    verdict = "promoted" if report["decision"]["promote"] else "rolled back"
+    fig.suptitle(f"{stats['mode']} rollout, weight {stats['weight']:g}: {verdict}", y=1.03)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -17,7 +17,9 @@ crash leaves a record that says how far it got. The methods of ``_Run`` follow t
    (``training.pipeline.metrics``).
 6. gate: ``training.pipeline.gate.decide``.
 7. register: the exact bytes that were checked and evaluated (sha256), else nothing.
-8. promote: ``ModelRepository.promote`` (verifies, then switches the alias atomically).
+8. rollout (with ``rollout`` in the config): canary or shadow beside production on the replicas until
+   their metrics decide (``training.pipeline.rollout``); then promote: ``Repository.promote``
+   (verifies, then switches the alias atomically; ends the rollout), or the run is rolled back.
 9. deploy: reload each ``--service-url`` and verify the new version answers the smoke image as
    the evaluation did (``training.pipeline.deploy``); on any failure, rollback: the alias goes
    back, the services reload again, and the run fails.
@@ -34,7 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.repository import PRODUCTION, ModelRepository, ModelVersion, RepositoryError
+from service.repository import (
+    PRODUCTION,
+    ModelVersion,
+    Repository,
+    RepositoryError,
+    open_repository,
+)
 from training.config import ConfigError
 from training.data import DataError
 from training.export import Candidate, ExportError, from_run, prepare, register
@@ -57,6 +65,7 @@ from training.pipeline.record import (
     run_that_made,
     warm_start,
 )
+from training.pipeline.rollout import rollout_step, trial
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +91,7 @@ class PipelineResult:
 @dataclass
 class _Run:
     cfg: PipelineConfig
-    repo: ModelRepository
+    repo: Repository
     name: str
     data: Path
     holdout: Path
@@ -289,9 +298,15 @@ class _Run:
         decision = self.gate(export_error, labels_changed)
         assert candidate is not None  # the gate refuses a candidate that failed its export checks
         version = self.register(candidate).manifest.version
-        self.promote(version)
+        rolled = ""
+        if self.cfg.rollout is None:
+            self.promote(version)
+        else:
+            with trial(self.repo, self.name, version):  # whatever happens, no candidate is left on trial
+                rolled = rollout_step(self.rec, self.repo, self.cfg.rollout, version, production, run_dir)
+                self.promote(version)
         self.deploy(version, smoke)
-        self.record.reason = decision.reason + (f"; {self.name}:{version} is production" + (
+        self.record.reason = decision.reason + rolled + (f"; {self.name}:{version} is production" + (
             " and every service serves it" if self.cfg.deploy.service_urls else ""))
         self.record.status = "promoted"
 
@@ -311,7 +326,7 @@ def _dump(checks: list[ServiceCheck]) -> list[dict[str, Any]]:
 
 def run_pipeline(
     cfg: PipelineConfig,
-    repo_root: Path,
+    repo_root: Path | str | Repository,
     *,
     admin_token: str | None = None,
     config_file: Path | None = None,
@@ -326,13 +341,13 @@ def run_pipeline(
     if cfg.deploy.service_urls and not admin_token:
         raise ConfigError("deploying to --service-url needs the services' admin token: --admin-token or "
                           "IMGCLF_ADMIN_TOKEN")
-    repo = ModelRepository(repo_root)
+    repo = repo_root if isinstance(repo_root, Repository) else open_repository(repo_root)
     before = repo.aliases(name) if name in repo.names() else {}
     record = RunRecord(
         run_id=new_run_id(), name=name, started_at=datetime.now(UTC),
         inputs={"data": str(Path(data).resolve()), "holdout": str(Path(holdout).resolve()),
                 "more_data": [str(Path(p).resolve()) for p in cfg.more_data],
-                "config_file": str(config_file) if config_file else None, "repo": str(Path(repo_root).resolve()),
+                "config_file": str(config_file) if config_file else None, "repo": repo.location if "://" in repo.location else str(Path(repo.location).resolve()),
                 "config": cfg.model_dump(mode="json"), "admin_token": "given" if admin_token else "none",
                 "force": force},
         versions={"before": before, "after": before, "candidate": None},
