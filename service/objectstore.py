@@ -192,7 +192,10 @@ class ObjectRepository(Repository):
                 except FileNotFoundError:
                     raise VerificationError(f"{where}: listed file {file!r} is missing in the store") from None
             (staging / MANIFEST).write_bytes(text)
-            self._checked(staging, name, version)  # sha256 of every file, before anything may load it
+            try:
+                self._checked(staging, name, version)  # sha256 of every file, before anything may load it
+            except VerificationError as exc:  # named by where the files came from, not the hidden folder
+                raise VerificationError(f"{where}: {str(exc).removeprefix(f'{staging}: ')}") from None
             os.rename(staging, dest)
             fsync_dir(dest.parent)
         except BaseException:

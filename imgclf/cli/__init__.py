@@ -48,6 +48,8 @@ def main(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for chatty in ("aiobotocore", "botocore"):  # "found credentials in ..." on every command run against S3
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 app.add_typer(train.app)

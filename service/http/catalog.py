@@ -205,6 +205,9 @@ class Catalog:
             try:
                 models[target.key] = _load(repo, target, settings, on_batch)
             except Exception as exc:  # noqa: BLE001 - one bad version must not take the others down
+                if target.candidate:  # a rollout's candidate: production serves alone, the worker is ready
+                    log.error("NOT rolling out %s: it failed to load: %s", target.key, exc)
+                    continue
                 failed[target.key] = f"{type(exc).__name__}: {exc}"
                 log.error("NOT serving %s: it failed to load: %s", target.key, exc)
         targets = [t for t in planned.targets if not t.candidate]
@@ -214,10 +217,11 @@ class Catalog:
         return cls(models, default_name(settings, names) if names else None, production, on_batch, failed,
                    rollouts, repo, planned.wanted)
 
-    def pick(self, name: str | None, version: int | None = None) -> ServedModel:
+    def pick(self, name: str | None, version: int | None = None, *, split: bool = False) -> ServedModel:
         """The one rule every protocol uses. ``name`` None: the default model. ``version`` None: the
-        model's production version (or the one version served, when IMGCLF_MODELS pins it), or, for a
-        canary's share of such requests, the canary.
+        model's production version (or the one version served, when IMGCLF_MODELS pins it), or, with
+        ``split`` (an inference, not a question about the model), for a canary's share of such
+        requests, the canary.
 
         Raises UnknownModelError (404) or ModelRequiredError (400).
         """
@@ -228,7 +232,7 @@ class Catalog:
             if self.default is None:
                 raise ModelRequiredError(self.names)
             name = self.default
-        if version is None and (trial := self.candidate(name)) is not None:
+        if split and version is None and (trial := self.candidate(name)) is not None:
             rollout, candidate = trial
             if rollout.mode == "canary" and random.random() < rollout.weight:
                 return candidate
@@ -239,14 +243,15 @@ class Catalog:
         return served
 
     def select(self, requested: str | None, top_k: int | None = None) -> ServedModel:
-        """The model a multipart request's ``model`` field names (``NAME`` or ``NAME:VERSION``), with
+        """The model a multipart request's ``model`` field names (``NAME`` or ``NAME:VERSION``) to answer
+        it (a canary takes its share), with
         ``top_k`` checked against its labels: ServiceError 404 unknown_model, 400 invalid_model,
         400 model_required or 400 invalid_top_k."""
         try:
             ref = ModelRef.parse(requested) if requested else None
         except ValueError as exc:  # not a valid name: a 400, not a 404
             raise ServiceError(400, "invalid_model", str(exc)) from exc
-        served = self.pick(ref.name, ref.version) if ref is not None else self.pick(None)
+        served = self.pick(ref.name, ref.version, split=True) if ref is not None else self.pick(None, split=True)
         labels = len(served.manifest.labels)
         if top_k is not None and not 1 <= top_k <= labels:
             raise ServiceError(400, "invalid_top_k", f"top_k must be between 1 and {labels}, got {top_k}")

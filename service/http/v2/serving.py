@@ -99,15 +99,15 @@ class V2Service:
         self._facts: dict[tuple[str, tuple[int, ...], str | None, str], ModelFacts] = {}
 
     # --- which model ---------------------------------------------------------------------------------
-    def pick(self, catalog: Catalog, name: str, version: str | None) -> ServedModel:
+    def pick(self, catalog: Catalog, name: str, version: str | None, *, split: bool = False) -> ServedModel:
         """The model version a route names, by :meth:`Catalog.pick` (no version: the production one, as
-        /classify's ``model=name``); ``<model>.<view>`` names a one-input view of it. V2's own 404s list
-        what is loaded."""
+        /classify's ``model=name``; ``split``: an inference, which a canary takes its share of);
+        ``<model>.<view>`` names a one-input view of it. V2's own 404s list what is loaded."""
         base, _ = split_view(catalog, name)
         loaded = catalog.versions(base)
         if not loaded:
             raise unknown_model(name, catalog.names)
-        return catalog.pick(base, parse_version(name, version, loaded))
+        return catalog.pick(base, parse_version(name, version, loaded), split=split)
 
     def facts(self, catalog: Catalog, served: ServedModel, name: str | None = None) -> ModelFacts:
         """What ``served`` offers over V2 under the name a request used (``<model>.<view>``: that view;
@@ -172,7 +172,7 @@ class V2Service:
         success with its times, or a failure (a refusal before the pick is no model's and is not counted)."""
         with self.admitted():
             catalog = self.live.current  # once per request: a reload swaps it whole
-            served = self.pick(catalog, name, version)
+            served = self.pick(catalog, name, version, split=True)
             with served.lease():
                 call = Inference(self, served, self.facts(catalog, served, name))
                 started = time.perf_counter_ns()
