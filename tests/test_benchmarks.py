@@ -122,3 +122,19 @@ def test_int8_imagenet_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> No
     for recipe in payload["recipes"].values():
         assert recipe["views"] == sum(r["views"] for r in recipe["rows"]) > 0 and 0 <= recipe["all"] <= 1
     assert all(len(layers) == 8 for layers in payload["worst_layers"].values())
+
+
+def test_shadow_cost_benchmark_runs(tmp_path: Path, imagenet_repo: Path) -> None:
+    """Off and a 100% shadow on one server: the shadow scored, production answered, the caller's repository
+    (shared by the suite) left as it was (the benchmark adds its candidate version to a copy)."""
+    before = sorted(p.name for p in (imagenet_repo / "imagenet-lite0").iterdir())
+    result = _bench("benchmarks.shadow_cost", "--repo", str(imagenet_repo), "--seconds", "0.3", "--rounds", "1",
+                    "--concurrency", "2", "--weights", "1", "--distinct", "6", "--settle", "0", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "shadow_cost.json").read_text())["summary"]["2"]
+    assert set(summary) == {"off", "shadow 100%"}
+    assert summary["off"]["metrics"]["shadow_compared"] == 0 and summary["off"]["errors"] == 0
+    shadow = summary["shadow 100%"]
+    assert shadow["metrics"]["shadow_compared"] > 0 and shadow["metrics"]["production"] > 0 and shadow["rps_ratio"] > 0
+    assert "## What it means" in (tmp_path / "shadow_cost.md").read_text()
+    assert sorted(p.name for p in (imagenet_repo / "imagenet-lite0").iterdir()) == before
