@@ -51,17 +51,9 @@ COUNTERS = {
 
 def add_copy(repo: Any, source: int = 1) -> int:
     """A new version of imagenet-lite0 with version ``source``'s files (its manifest's version changed)."""
-    from service.repository import MANIFEST
+    from service.repository import copy_writer
 
-    src = repo.get(NAME, source)
-
-    def write(staging: Path, version: int) -> Any:
-        for file in src.path.iterdir():
-            if file.is_file() and file.name != MANIFEST:
-                shutil.copyfile(file, staging / file.name)
-        return src.manifest.model_copy(update={"version": version, "files": {}})
-
-    return int(repo.add_version(NAME, write).manifest.version)
+    return int(repo.add_version(NAME, copy_writer(repo.get(NAME, source).path)).manifest.version)
 
 
 def counters(url: str) -> dict[str, float]:

@@ -221,18 +221,9 @@ async def run_requests(url: str, plan: list[Case], count: int, concurrency: int,
 
 def add_copy(repo: Any, name: str) -> int:
     """A second version with the same files: a stand-in for a retrained model, answers unchanged."""
-    from service.manifest import Manifest
-    from service.repository import MANIFEST
+    from service.repository import copy_writer
 
-    source = repo.get(name, 1)
-
-    def write(staging: Path, version: int) -> Manifest:
-        for file in source.path.iterdir():
-            if file.is_file() and file.name != MANIFEST:
-                shutil.copyfile(file, staging / file.name)
-        return source.manifest.model_copy(update={"version": version, "files": {}})
-
-    return repo.add_version(name, write).manifest.version
+    return repo.add_version(name, copy_writer(repo.get(name, 1).path)).manifest.version
 
 
 def soak(repo_root: Path, home: Path, requests: int, reloads: int, warmup: int, concurrency: int) -> dict[str, Any]:

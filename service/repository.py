@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 ALIASES = "aliases.json"
-__all__ = ["PREVIOUS", "PRODUCTION", "ModelRepository", "ModelVersion", "Repository", "Rollout", "open_repository"]
 
 
 class RepositoryError(Exception):
@@ -133,6 +132,21 @@ def stage_version(staging: Path, name: str, version: int, write: Callable[[Path,
     atomic_write_text(staging / MANIFEST, manifest.model_dump_json(indent=2, exclude=unsaid) + "\n")
     verify_dir(staging)
     return manifest
+
+
+def copy_writer(source: Path, **changes: Any) -> Callable[[Path, int], Manifest]:
+    """A ``write`` for :meth:`Repository.add_version` that publishes the version folder ``source`` again:
+    into another repository (a local folder to a bucket), or as a new version of the same model (a
+    stand-in for a retrained one); its manifest is carried over with ``changes``."""
+    manifest = Manifest.model_validate_json((source / MANIFEST).read_text())
+
+    def write(staging: Path, version: int) -> Manifest:
+        for file in sorted(source.iterdir()):
+            if file.is_file() and file.name != MANIFEST:
+                shutil.copyfile(file, staging / file.name)
+        return manifest.model_copy(update={"version": version, "files": {}, **changes})
+
+    return write
 
 
 class Repository(abc.ABC):
@@ -275,8 +289,6 @@ class ModelRepository(Repository):
         if (manifest.name, manifest.version) != (name, version):
             raise VerificationError(f"{path}: manifest says {manifest.name}:{manifest.version}")
         return ModelVersion(manifest, path)
-
-    verify_dir = staticmethod(verify_dir)  # ModelRepository.verify_dir(path): older callers' spelling
 
     # --- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager

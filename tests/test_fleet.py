@@ -28,7 +28,7 @@ from tests.support.fleet import (
     wait_until_serving,
 )
 from tests.support.seaweed import SeaweedFS
-from tests.support.servers import NAME
+from tests.support.servers import IMAGE, NAME
 from training.pipeline.config import RolloutConfig
 from training.pipeline.record import Recorder, RunRecord, StopRun, new_run_id
 from training.pipeline.rollout import rollout_step, trial
@@ -134,7 +134,7 @@ def test_the_store_killed_under_load_loses_no_request_and_a_replica_restarted_me
                 with replica(store.location, tmp_path, 1, env) as second:  # restarted during the outage
                     assert models(second)["store"]["reachable"] is False
                     assert [m["version"] for m in models(second)["models"]] == [1]
-                    assert second.client.post("/classify", files={"image": ("cat.jpg", _photo())}).status_code == 200
+                    assert second.client.post("/classify", files={"image": ("cat.jpg", IMAGE)}).status_code == 200
             finally:
                 seaweedfs.start()
             wait_for("the store reachable again", lambda: models(first)["store"]["reachable"] is True)
@@ -152,10 +152,10 @@ def test_a_canary_answers_its_share_of_unnamed_requests_and_says_so(
     assert result.returncode == 0, result.stderr
     with replicas(store.location, tmp_path, seaweedfs.env(), count=1) as (server,):
         assert models(server)["rollouts"] == {NAME: {"version": 2, "mode": "canary", "weight": 0.5}}
-        versions = [server.client.post("/classify", files={"image": ("cat.jpg", _photo())}).json()["version"]
+        versions = [server.client.post("/classify", files={"image": ("cat.jpg", IMAGE)}).json()["version"]
                     for _ in range(60)]
         assert versions.count(2) >= 10 and versions.count(1) >= 10  # 0.5 each: 60 draws land here but for 1e-6
-        named = server.client.post("/classify", files={"image": ("cat.jpg", _photo())}, data={"model": f"{NAME}:1"})
+        named = server.client.post("/classify", files={"image": ("cat.jpg", IMAGE)}, data={"model": f"{NAME}:1"})
         assert named.json()["version"] == 1  # a request that names its version is never split
         metrics = server.client.get("/metrics").text
         assert f'imgclf_rollout_answers_total{{model="{NAME}",role="canary",version="2"}}' in metrics
@@ -205,14 +205,3 @@ def test_a_shadow_rollout_rolls_a_worse_candidate_back_and_promotes_a_good_one(
         assert outcome.startswith("rolled_back: rolled back: top-1 agreement with production"), outcome
         assert store.aliases(NAME) == {"production": 1} and checks["agreement"]["ok"] is False
     assert record.rollout["stats"]["shadow"]["compared"] >= 40  # type: ignore[index]
-
-
-def _photo() -> bytes:
-    from tests.support.servers import IMAGE
-
-    return IMAGE
-
-
-def test_random_is_not_seeded_by_the_tests() -> None:
-    """The canary split draws from ``random``: a test that seeded it would make the split a constant."""
-    assert random.random() != random.random()

@@ -89,9 +89,13 @@ class Plan:
 
     @property
     def wanted(self) -> list[str]:
-        """What a reload compares with what is served: the keys, and each rollout's mode and weight."""
-        keys = list(dict.fromkeys(t.key for t in self.targets))
-        return keys + sorted(f"{n}~{r.mode}:{r.version}@{r.weight:g}" for n, r in self.rollouts.items())
+        """What the watcher compares with :attr:`Catalog.wanted_now`: the keys, and each rollout's split."""
+        return sorted({t.key for t in self.targets}) + trials(self.rollouts)
+
+
+def trials(rollouts: dict[str, Rollout]) -> list[str]:
+    """Each rollout in one comparable string: a change of mode or weight is a change to reload for."""
+    return sorted(f"{name}~{r.mode}:{r.version}@{r.weight:g}" for name, r in rollouts.items())
 
 
 def plan(settings: Settings, repo: Repository) -> Plan:
@@ -152,11 +156,15 @@ class Catalog:
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it could not be loaded
     rollouts: dict[str, Rollout] = field(default_factory=dict)  # name -> its candidate on trial
     repo: Repository | None = field(default=None, repr=False)  # the worker's, carried from catalog to catalog
-    wanted_now: list[str] = field(default_factory=list, repr=False)  # the plan this catalog serves (Plan.wanted)
 
     @property
     def names(self) -> list[str]:
         return sorted({m.manifest.name for m in self.models.values()})
+
+    @property
+    def wanted_now(self) -> list[str]:
+        """What this catalog serves (and failed to), as :attr:`Plan.wanted` says it: equal, nothing to reload."""
+        return sorted({*self.models, *self.failed}) + trials(self.rollouts)
 
     @property
     def not_ready(self) -> str | None:
@@ -215,7 +223,7 @@ class Catalog:
         rollouts = {n: r for n, r in planned.rollouts.items() if f"{n}:{r.version}" in models}
         names = sorted({m.manifest.name for m in models.values()})
         return cls(models, default_name(settings, names) if names else None, production, on_batch, failed,
-                   rollouts, repo, planned.wanted)
+                   rollouts, repo)
 
     def pick(self, name: str | None, version: int | None = None, *, split: bool = False) -> ServedModel:
         """The one rule every protocol uses. ``name`` None: the default model. ``version`` None: the
@@ -302,4 +310,4 @@ class Catalog:
                    for name, version in production.items() if self.production.get(name) != version]
         names = sorted({m.manifest.name for m in models.values()})
         return Catalog(models, default_name(settings, names), production, self.on_batch, rollouts=planned.rollouts,
-                       repo=repo, wanted_now=planned.wanted), changes
+                       repo=repo), changes

@@ -77,8 +77,8 @@ class LiveCatalog:
             old = self.current
             new, changes = await asyncio.to_thread(old.reloaded, self.settings)
             if new.models.keys() == old.models.keys() and new.default == old.default:
-                if new.rollouts != old.rollouts or new.wanted_now != old.wanted_now:  # same models, other split
-                    self.current = dataclasses.replace(old, rollouts=new.rollouts, wanted_now=new.wanted_now)
+                if new.rollouts != old.rollouts or new.failed != old.failed:  # same models, other split
+                    self.current = dataclasses.replace(old, rollouts=new.rollouts, failed=new.failed)
                     log.info("rollouts now: %s", {n: r.model_dump() for n, r in new.rollouts.items()} or "none")
                 return self.current, changes
             self.current = new  # the swap: new requests pick from here on

@@ -8,7 +8,6 @@ none failed while the fleet changed versions underneath.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +19,7 @@ from typing import Any, Self
 import httpx
 
 from imgclf.devserver import LiveServer
-from service.manifest import Manifest
-from service.repository import MANIFEST, Repository
+from service.repository import Repository, copy_writer
 
 from .servers import IMAGE, NAME, serve
 
@@ -32,15 +30,7 @@ WAIT_S = 120.0  # a hang guard for convergence, never a speed requirement
 def publish_copy(repo: Repository, source: Path, **changes: Any) -> int:
     """A new version with the files of the local version folder ``source`` and its manifest, with
     ``changes`` (e.g. ``labels=`` shuffled: a deliberately worse candidate). Returns its number."""
-    manifest = Manifest.model_validate_json((source / MANIFEST).read_text())
-
-    def write(staging: Path, version: int) -> Manifest:
-        for file in source.iterdir():
-            if file.is_file() and file.name != MANIFEST:
-                shutil.copyfile(file, staging / file.name)
-        return manifest.model_copy(update={"version": version, "files": {}, **changes})
-
-    return repo.add_version(NAME, write).manifest.version
+    return repo.add_version(NAME, copy_writer(source, **changes)).manifest.version
 
 
 @contextmanager

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from imgclf.devserver import LiveServer, running_server
-from service.manifest import Manifest
-from service.repository import MANIFEST, MODEL_FILE, ModelRepository
+from service.repository import MODEL_FILE, ModelRepository, copy_writer
 
 from . import images
 
@@ -68,15 +67,7 @@ def copy_repo(source: Path, target: Path) -> ModelRepository:
 
 def add_copy(repo: ModelRepository, source: int = 1) -> int:
     """A new version with the same weights: a cheap stand-in for a retrained model."""
-    src = repo.get(NAME, source)
-
-    def write(staging: Path, version: int) -> Manifest:
-        for file in src.path.iterdir():
-            if file.is_file() and file.name != MANIFEST:
-                shutil.copyfile(file, staging / file.name)
-        return src.manifest.model_copy(update={"version": version, "files": {}})
-
-    return repo.add_version(NAME, write).manifest.version
+    return repo.add_version(NAME, copy_writer(repo.get(NAME, source).path)).manifest.version
 
 
 def add_model(root: Path, name: str, label_prefix: str = "") -> None:
